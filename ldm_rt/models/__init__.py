@@ -1,0 +1,1 @@
+"""Reference PyTorch modules: the source of truth every backend is held to."""
