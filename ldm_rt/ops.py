@@ -29,9 +29,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
-def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm over the last dim without affine parameters; statistics in fp32."""
-    return F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+def layer_norm(
+    x: torch.Tensor,
+    eps: float = 1e-6,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LayerNorm over the last dim (affine when weight/bias are given); statistics in fp32."""
+    weight = None if weight is None else weight.float()
+    bias = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), x.shape[-1:], weight, bias, eps).to(x.dtype)
 
 
 def layernorm_modulate(

@@ -1,0 +1,270 @@
+"""DiT denoiser: patchify -> N adaLN-Zero blocks (2D-RoPE self-attention, cross-attention to
+text, MLP) -> final adaLN + linear -> unpatchify.
+
+Names follow the DiT paper and facebookresearch/DiT `models.py` (`TimestepEmbedder`,
+`DiTBlock`, `FinalLayer`, `x_embedder`, `adaLN_modulation`). Attention, RoPE and the
+modulated LayerNorm are called through `ldm_rt.ops` so backends can swap kernels in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ldm_rt import ops
+from ldm_rt.configs import DiTConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim) as [cos | sin], DiT's convention."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timestep -> vector: sinusoidal frequencies then a two-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = timestep_embedding(t, self.frequency_embedding_size)  # (B, F) fp32
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, D)
+
+
+class PooledTextEmbedder(nn.Module):
+    """Pooled text vector (B, P) -> (B, D), added to the timestep embedding."""
+
+    def __init__(self, pooled_dim: int, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(pooled_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.mlp(pooled)
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) latents -> (B, N, D) tokens with a p x p, stride-p convolution (row-major tokens)."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
+
+
+@dataclass
+class ModulationOut:
+    shift: torch.Tensor  # (B, D)
+    scale: torch.Tensor  # (B, D)
+    gate: torch.Tensor  # (B, D)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with fused qkv, optional RMS qk-norm, and 2D RoPE on q and k."""
+
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.eps = eps
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        head_dim = hidden_size // num_heads
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # (B, N, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, N, Dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = ops.impl("attention")(q, k, v, cos=cos, sin=sin)  # (B, H, N, Dh)
+        return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, D)
+
+
+class CrossAttention(nn.Module):
+    """Image tokens (queries) attend to text tokens (keys/values); padded text keys are masked."""
+
+    def __init__(self, hidden_size: int, context_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.kv = nn.Linear(context_dim, 2 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q = self.q(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, N, Dh)
+        kv = self.kv(context).unflatten(-1, (2, self.num_heads, -1))  # (B, M, 2, H, Dh)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, H, M, Dh)
+        out = ops.impl("attention")(q, k, v, key_padding_mask=mask)  # (B, H, N, Dh)
+        return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, D)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden_size: int, mlp_hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: modulated self-attention, cross-attention, modulated MLP.
+
+    x = x + gate_msa * attn(modulate(LN(x), shift_msa, scale_msa))
+    x = x + cross_attn(LN_affine(x), text)
+    x = x + gate_mlp * mlp(modulate(LN(x), shift_mlp, scale_mlp))
+    The six modulation vectors come from Linear(SiLU(c)), zero-initialised in training so
+    every block starts as the identity.
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.eps = config.norm_eps
+        self.attn = SelfAttention(d, config.num_heads, config.qk_norm, config.norm_eps)
+        self.norm2 = nn.LayerNorm(d, eps=config.norm_eps)  # cross-attention: plain affine LN, no gate
+        self.cross_attn = CrossAttention(d, config.context_dim, config.num_heads)
+        self.mlp = Mlp(d, int(d * config.mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def modulation(self, c: torch.Tensor) -> tuple[ModulationOut, ModulationOut]:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        return ModulationOut(shift_msa, scale_msa, gate_msa), ModulationOut(shift_mlp, scale_mlp, gate_mlp)
+
+    def forward(self, x, c, context, context_mask, cos, sin) -> torch.Tensor:
+        msa, mlp = self.modulation(c)
+        layernorm_modulate = ops.impl("layernorm_modulate")
+        x = x + msa.gate[:, None] * self.attn(layernorm_modulate(x, msa.shift, msa.scale, self.eps), cos, sin)
+        x = x + self.cross_attn(ops.layer_norm(x, self.norm2.eps, self.norm2.weight, self.norm2.bias), context, context_mask)
+        x = x + mlp.gate[:, None] * self.mlp(layernorm_modulate(x, mlp.shift, mlp.scale, self.eps))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Final adaLN (shift, scale) + linear decode of each token to a p x p x C patch."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        d, p = config.hidden_size, config.patch_size
+        self.eps = config.norm_eps
+        self.linear = nn.Linear(d, p * p * config.output_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(ops.impl("layernorm_modulate")(x, shift, scale, self.eps))  # (B, N, p*p*C)
+
+
+class DiT(nn.Module):
+    """Text-conditioned DiT. forward(latents, timestep, text_states, text_mask, pooled) -> prediction.
+
+    latents (B, C, H, W), timestep (B,) float (the scheduler's `timesteps` value),
+    text_states (B, M, context_dim), text_mask (B, M) bool (True = real token) or None,
+    pooled (B, pooled_dim). Returns (B, out_channels, H, W). H and W must be multiples of
+    `patch_size`; RoPE tables are computed from H and W, so any resolution works.
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d, config.frequency_embedding_size)
+        self.pooled_embedder = PooledTextEmbedder(config.pooled_dim, d)
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
+        self.final_layer = FinalLayer(config)
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The training init of DiT's `models.py`: xavier linears, and adaLN-Zero.
+
+        The adaLN modulation and the final layer start at zero, and so does the
+        cross-attention output projection (as PixArt does), so every block starts as the
+        identity and the model predicts zero.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for mlp in (self.t_embedder.mlp, self.pooled_embedder.mlp):
+            nn.init.normal_(mlp[0].weight, std=0.02)
+            nn.init.normal_(mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            for zeroed in (block.adaLN_modulation[-1], block.cross_attn.proj):
+                nn.init.zeros_(zeroed.weight)
+                nn.init.zeros_(zeroed.bias)
+        for zeroed in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(zeroed.weight)
+            nn.init.zeros_(zeroed.bias)
+
+    def rope(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables (h*w, head_dim/2) for an h x w token grid."""
+        return ops.rope_freqs(h, w, self.config.axes_dim, self.config.rope_theta, device=device)
+
+    def patchify_shape(self, height: int, width: int) -> tuple[int, int]:
+        p = self.config.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent size {height}x{width} is not divisible by patch size {p}")
+        return height // p, width // p
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h*p, w*p) -> (B, h*w, p*p*C): the exact inverse of `unpatchify`."""
+        p = self.config.patch_size
+        h, w = self.patchify_shape(x.shape[-2], x.shape[-1])
+        x = x.reshape(x.shape[0], x.shape[1], h, p, w, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(x.shape[0], h * w, p * p * x.shape[-1])
+
+    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, h*w, p*p*C) -> (B, C, h*p, w*p)."""
+        p, c = self.config.patch_size, self.config.output_channels
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        pooled: torch.Tensor,
+    ) -> torch.Tensor:
+        h, w = self.patchify_shape(latents.shape[-2], latents.shape[-1])
+        cos, sin = self.rope(h, w, latents.device)
+        x = self.x_embedder(latents)  # (B, N, D)
+        c = self.t_embedder(timestep) + self.pooled_embedder(pooled)  # (B, D)
+        for block in self.blocks:
+            x = block(x, c, text_states, text_mask, cos, sin)
+        x = self.final_layer(x, c)  # (B, N, p*p*C)
+        return self.unpatchify(x, h, w)
