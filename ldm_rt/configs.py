@@ -38,7 +38,7 @@ _CLIP_IGNORED = {
     "hidden_dropout_prob", "layerdrop",
 }
 # diffusers AutoencoderKL fields that do not change decode()/encode() math here.
-_VAE_IGNORED = {"force_upcast", "latents_mean", "latents_std", "sample_size"}
+_VAE_IGNORED = {"sample_size"}
 
 
 def _from_dict(cls, data: dict[str, Any], *, what: str, ignored: set[str], strict: bool):
@@ -201,17 +201,26 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    # diffusers' meaning: a fp16 pipeline decodes with this VAE in fp32 (SD-VAE convolutions
+    # overflow fp16; GroupNorm statistics are fp32 regardless).
+    force_upcast: bool = True
+    # Per-channel latent normalisation (e.g. Playground v2.5) is not supported yet: refusing it
+    # is better than decoding wrong images silently.
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise ValueError("down_block_types, up_block_types and block_out_channels must have equal length")
-        bad = [t for t in (*self.down_block_types, *self.up_block_types)
-               if t not in ("DownEncoderBlock2D", "UpDecoderBlock2D")]
+        bad = [t for t in self.down_block_types if t != "DownEncoderBlock2D"]
+        bad += [t for t in self.up_block_types if t != "UpDecoderBlock2D"]
         if bad:
             raise ValueError(f"unsupported VAE block types {bad}")
-        if self.act_fn != "silu":
+        if self.act_fn not in ("silu", "swish"):  # diffusers maps both names to SiLU
             raise ValueError(f"act_fn {self.act_fn!r} is not supported (only silu)")
+        if self.latents_mean is not None or self.latents_std is not None:
+            raise ValueError("latents_mean/latents_std (per-channel latent normalisation) are not supported")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError("every block_out_channels entry must be divisible by norm_num_groups")
 
@@ -228,6 +237,9 @@ class VAEConfig:
         d = dataclasses.asdict(self)
         for k in ("down_block_types", "up_block_types", "block_out_channels"):
             d[k] = list(d[k])
+        for k in ("latents_mean", "latents_std"):
+            if d[k] is None:
+                del d[k]
         return {"_class_name": "AutoencoderKL", **d}
 
 

@@ -1,0 +1,49 @@
+"""Backends: one interface, several implementations.
+
+A backend turns reference `Components` into three callables with the reference modules' call
+signatures, so the pipeline never asks which backend it holds:
+
+- text_encoder(input_ids) -> (last_hidden_state, pooled)
+- transformer(latents, timestep, text_states, text_mask, pooled) -> prediction
+- vae.decode(latents) -> image in [-1, 1]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ldm_rt.errors import InputError, LdmRtError, require
+from ldm_rt.precision import Precision
+
+# name -> (module to import, extra that installs it); None: no optional dependency.
+BACKENDS: dict[str, tuple[str, str] | None] = {
+    "torch": None,
+    "triton": ("triton", "triton"),
+    "onnxruntime": ("onnxruntime", "onnxruntime"),
+    "tensorrt": ("tensorrt", "tensorrt"),
+}
+
+
+@dataclass
+class Runtime:
+    text_encoder: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    transformer: Callable[..., torch.Tensor]
+    vae: Any  # has .decode(z)
+    vae_dtype: torch.dtype  # what decode() takes: fp32 when the VAE config forces an upcast
+
+
+def load_backend(name: str, components, device: torch.device, precision: Precision) -> Runtime:
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    dependency = BACKENDS[name]
+    if dependency is not None:
+        module, extra = dependency
+        require(module, extra, f"the {name} backend")
+    if name == "torch":
+        from ldm_rt.backends.torch_backend import load
+
+        return load(components, device, precision)
+    raise LdmRtError(f"the {name} backend is not available in this version of ldm-rt yet; use --backend torch.")

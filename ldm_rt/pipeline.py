@@ -1,0 +1,230 @@
+"""Text encoder -> DiT denoising loop with classifier-free guidance -> VAE decoder.
+
+Conventions follow diffusers so the same seed draws the same image:
+- initial latents: `torch.randn((B, C, h, w), generator=torch.Generator("cpu").manual_seed(seed))`
+  in fp32 on the CPU, then moved to the device;
+- CFG: `uncond + g * (cond - uncond)`, both halves in one batched DiT call ([uncond; cond]),
+  no unconditional half when g <= 1;
+- images: `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm_rt.backends import load_backend
+from ldm_rt.errors import InputError, NonFiniteError
+from ldm_rt.precision import Precision
+from ldm_rt.schedulers import scheduler_from_config
+
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 4.0
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None: CUDA when available, else CPU. A CUDA device without CUDA is an InputError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r} is not a valid torch device; use cpu or cuda.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device} was asked for but this machine has no CUDA GPU; use --device cpu.")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device} is not supported; use cpu or cuda.")
+    return device
+
+
+def check_finite(x: torch.Tensor, stage: str, precision: Precision) -> None:
+    if not torch.isfinite(x).all():
+        hint = " (fp16 overflow? try --dtype bf16 or fp32)" if precision is Precision.FP16 else ""
+        raise NonFiniteError(f"{stage} produced NaN or Inf values{hint}.")
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images, as diffusers' `VaeImageProcessor` does."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1)
+    arr = (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+class Pipeline:
+    """Text-to-image with a DiT. Build with `Pipeline.from_pretrained(path)`.
+
+    Attributes: `text_encoder`, `transformer`, `vae` (backend callables with the reference
+    modules' signatures), `tokenizer`, `scheduler` (the scheduler config dict from
+    `scheduler/scheduler_config.json`; a fresh pure scheduler is made from it for each call).
+    """
+
+    def __init__(self, components, backend: str = "torch", device=None, dtype=None):
+        self.device = resolve_device(device)
+        self.precision = Precision.parse(dtype) or Precision.default_for(self.device)
+        if self.device.type == "cpu" and self.precision is Precision.FP16:
+            raise InputError("fp16 is not supported on the CPU; use --dtype fp32 or bf16 there.")
+        self.backend = backend
+        self.config = components.config
+        self.defaults = dict(components.defaults)
+        runtime = load_backend(backend, components, self.device, self.precision)
+        self.text_encoder = runtime.text_encoder
+        self.transformer = runtime.transformer
+        self.vae = runtime.vae
+        self.vae_dtype = runtime.vae_dtype
+        self.tokenizer = components.tokenizer
+        self.scheduler = dict(components.scheduler_config)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, backend: str = "torch", device=None, dtype=None) -> Pipeline:
+        from ldm_rt.model_dir import load_model_dir
+
+        return cls(load_model_dir(path), backend=backend, device=device, dtype=dtype)
+
+    # -- derived sizes ---------------------------------------------------------------------------
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.config.vae.scale_factor
+
+    @property
+    def default_size(self) -> int:
+        return self.defaults.get("height", self.config.transformer.sample_size * self.vae_scale_factor)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        multiple = self.vae_scale_factor * self.config.transformer.patch_size
+        for name, value in (("height", height), ("width", width)):
+            if value < multiple or value % multiple:
+                raise InputError(
+                    f"{name} {value} must be a positive multiple of {multiple} "
+                    f"(VAE factor {self.vae_scale_factor} x patch size {self.config.transformer.patch_size})."
+                )
+        f = self.vae_scale_factor
+        return (batch, self.config.transformer.in_channels, height // f, width // f)
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """prompts -> (text_states (B, M, D), text_mask (B, M) bool, pooled (B, D))."""
+        tokens = self.tokenizer(prompts)
+        for prompt, cut in zip(prompts, tokens.truncated):
+            if cut:
+                warnings.warn(
+                    f"prompt truncated to {self.tokenizer.max_length} tokens, as CLIP does: {prompt[:60]!r}...",
+                    stacklevel=3,
+                )
+        ids = tokens.input_ids.to(self.device)
+        states, pooled = self.text_encoder(ids)
+        check_finite(states, "text encoding", self.precision)
+        return states, tokens.attention_mask.to(self.device), pooled
+
+    @torch.no_grad()
+    def denoise(self, latents, text_states, text_mask, pooled, steps: int, guidance: float, progress: bool = False):
+        """The sampling loop. latents (B, C, h, w) fp32; text inputs are [uncond; cond] when g > 1.
+
+        Latents stay in fp32 between steps (the scheduler update is computed in fp32); only the
+        DiT runs in the pipeline's dtype.
+        """
+        from tqdm.auto import tqdm
+
+        seq_len = (latents.shape[-2] // self.config.transformer.patch_size) * (
+            latents.shape[-1] // self.config.transformer.patch_size
+        )
+        scheduler = scheduler_from_config(self.scheduler, steps, image_seq_len=seq_len)
+        do_cfg = guidance > 1.0
+        dtype = self.precision.dtype
+        for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
+            model_in = torch.cat([latents, latents]) if do_cfg else latents
+            t = scheduler.timesteps[i].to(self.device).expand(model_in.shape[0])
+            out = self.transformer(model_in.to(dtype), t, text_states, text_mask, pooled).float()
+            if do_cfg:
+                uncond, cond = out.chunk(2)
+                out = uncond + guidance * (cond - uncond)
+            latents = scheduler.step(latents, out, i)
+        check_finite(latents, "denoising", self.precision)
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> image in [-1, 1] (B, 3, H, W), applying the VAE config's scaling/shift."""
+        vae = self.config.vae
+        z = latents / vae.scaling_factor
+        if vae.shift_factor is not None:
+            z = z + vae.shift_factor
+        image = self.vae.decode(z.to(self.vae_dtype))
+        check_finite(image, "VAE decoding", self.precision)
+        return image
+
+    # -- the whole job ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images: int = 1,
+        progress: bool = False,
+    ) -> GenerationResult:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        steps = self.defaults.get("steps", DEFAULT_STEPS) if steps is None else steps
+        guidance = self.defaults.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance
+        height = height or self.defaults.get("height", self.default_size)
+        width = width or self.defaults.get("width", self.default_size)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InputError("prompt must be a string or a non-empty list of strings.")
+        if int(steps) != steps or steps < 1:
+            raise InputError(f"steps must be a whole number >= 1, got {steps}.")
+        if guidance < 0 or guidance != guidance:
+            raise InputError(f"guidance must be >= 0, got {guidance}.")
+        if num_images < 1:
+            raise InputError(f"num_images must be >= 1, got {num_images}.")
+        negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list) else negative_prompt
+        if len(negatives) != len(prompts):
+            raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts.")
+        shape = self.latent_shape(len(prompts) * num_images, height, width)
+
+        timings: dict[str, float] = {}
+        with _stage("text_encoding", self.device, timings):
+            # Each prompt repeated num_images times, as diffusers' num_images_per_prompt.
+            cond = [p for p in prompts for _ in range(num_images)]
+            uncond = [n for n in negatives for _ in range(num_images)]
+            do_cfg = guidance > 1.0
+            states, mask, pooled = self.encode_prompt(uncond + cond if do_cfg else cond)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        with _stage("denoising", self.device, timings):
+            latents = self.denoise(latents, states, mask, pooled, int(steps), float(guidance), progress)
+        with _stage("decoding", self.device, timings):
+            images = to_pil(self.decode(latents))
+        return GenerationResult(images=images, seed=seed, timings=timings)
+
+    def __call__(self, prompt, **kwargs) -> list[Image.Image]:
+        return self.generate(prompt, **kwargs).images
+
+
+@contextlib.contextmanager
+def _stage(name: str, device: torch.device, timings: dict[str, float]):
+    """Record the wall-clock seconds of one stage into timings[name] (syncing CUDA first)."""
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings[name] = time.perf_counter() - start

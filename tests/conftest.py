@@ -1,0 +1,20 @@
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip themselves on machines without CUDA, so a plain `pytest` passes anywhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A complete `tiny` model directory with seeded random weights (read-only: copy to modify)."""
+    from ldm_rt.model_dir import init_model
+
+    return init_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)

@@ -1,0 +1,183 @@
+"""`ldm-rt` end to end: init-model + run, and one clear error for every bad input."""
+
+import shutil
+import subprocess
+import sys
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from ldm_rt.cli import main
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a bug, not a user error: show it
+    return result
+
+
+def _copy(model_dir, tmp_path):
+    return shutil.copytree(model_dir, tmp_path / "model")
+
+
+def test_init_model_and_run_write_png_of_asked_size(tiny_model_dir, tmp_path):
+    out = tmp_path / "cat.png"
+    result = invoke("run", "--model-dir", tiny_model_dir, "--prompt", "a red circle", "--height", 24,
+                    "--width", 40, "--steps", 3, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (40, 24)
+    assert f"wrote {out}" in result.output
+    for stage in ("text encoding", "denoising", "decoding"):
+        assert stage in result.output
+
+
+def test_run_several_images_get_numbered_files(tiny_model_dir, tmp_path):
+    out = tmp_path / "img.png"
+    result = invoke("run", "--model-dir", tiny_model_dir, "--prompt", "a", "--num-images", 2, "--steps", 1,
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["img-0.png", "img-1.png"]
+
+
+def test_default_output_name_uses_seed(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert invoke("run", "--model-dir", tiny_model_dir, "--prompt", "x", "--steps", 1, "--seed", 7).exit_code == 0
+    assert (tmp_path / "ldm-rt-7.png").is_file()
+
+
+def test_subprocess_error_has_exit_code_and_no_traceback(tmp_path):
+    """Through the real console script: one line on stderr, exit 1."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ldm_rt.cli", "run", "--model-dir", str(tmp_path / "nope"), "--prompt", "x"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error:") and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--height", 30], "must be a positive multiple of 4"),
+        (["--width", 2], "must be a positive multiple of 4"),
+        (["--steps", 0], "steps must be"),
+        (["--guidance", -1], "guidance must be >= 0"),
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--device", "tpu"], "not a valid torch device"),
+        (["--backend", "tensorrt"], "pip install 'ldm-rt[tensorrt]'"),
+        (["--num-images", 0], "num_images must be >= 1"),
+        (["--out", "/nonexistent-dir/x.png"], "does not exist"),
+        (["--out", "image.jpg"], "must end in .png"),
+    ],
+)
+def test_bad_run_arguments(tiny_model_dir, args, message):
+    result = invoke("run", "--model-dir", tiny_model_dir, "--prompt", "x", "--steps", 1, *args)
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+
+
+def test_unknown_backend_and_dtype_are_rejected_by_choice(tiny_model_dir):
+    for args in (["--backend", "cuda-magic"], ["--dtype", "fp8"]):
+        result = invoke("run", "--model-dir", tiny_model_dir, "--prompt", "x", *args)
+        assert result.exit_code == 2 and "Invalid value" in result.output
+
+
+def test_fp16_on_cpu_is_refused(tiny_model_dir):
+    result = invoke("run", "--model-dir", tiny_model_dir, "--prompt", "x", "--dtype", "fp16", "--device", "cpu")
+    assert result.exit_code == 1 and "fp16 is not supported on the CPU" in result.output
+
+
+def test_unwritable_output_directory(tiny_model_dir, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = invoke("run", "--model-dir", tiny_model_dir, "--prompt", "x", "--out", locked / "a.png")
+        if result.exit_code == 0:  # root ignores permissions: then the write really succeeded
+            assert (locked / "a.png").is_file()
+        else:
+            assert result.exit_code == 1 and "not writable" in result.output
+    finally:
+        locked.chmod(0o700)
+
+
+def test_missing_model_dir_and_components(tiny_model_dir, tmp_path):
+    result = invoke("run", "--model-dir", tmp_path / "absent", "--prompt", "x")
+    assert result.exit_code == 1 and "does not exist" in result.output
+    model = _copy(tiny_model_dir, tmp_path)
+    shutil.rmtree(model / "vae")
+    result = invoke("run", "--model-dir", model, "--prompt", "x")
+    assert result.exit_code == 1 and "no 'vae/' component" in result.output
+    (model / "model_index.json").unlink()
+    result = invoke("run", "--model-dir", model, "--prompt", "x")
+    assert result.exit_code == 1 and "not a model directory" in result.output
+
+
+def test_truncated_and_corrupted_weights(tiny_model_dir, tmp_path):
+    model = _copy(tiny_model_dir, tmp_path)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    result = invoke("run", "--model-dir", model, "--prompt", "x")
+    assert result.exit_code == 1 and "transformer" in result.output and "truncated or corrupted" in result.output
+    weights.write_bytes(b"\x00" * 64)
+    result = invoke("run", "--model-dir", model, "--prompt", "x")
+    assert result.exit_code == 1 and "truncated or corrupted" in result.output
+
+
+def test_weights_that_do_not_fit_the_config(tiny_model_dir, tmp_path):
+    model = _copy(tiny_model_dir, tmp_path)
+    config_path = model / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["depth"] = 3  # the file holds 2 blocks
+    config_path.write_text(json.dumps(config))
+    result = invoke("run", "--model-dir", model, "--prompt", "x")
+    assert result.exit_code == 1
+    assert "transformer: weights do not match" in result.output and "blocks.2." in result.output
+
+
+def test_unknown_key_in_own_config(tiny_model_dir, tmp_path):
+    model = _copy(tiny_model_dir, tmp_path)
+    config_path = model / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["hiden_size"] = 64
+    config_path.write_text(json.dumps(config))
+    result = invoke("run", "--model-dir", model, "--prompt", "x")
+    assert result.exit_code == 1 and "unknown config key(s) ['hiden_size']" in result.output
+
+
+def test_init_model_errors(tmp_path):
+    result = invoke("init-model", tmp_path / "m", "--preset", "dit-xxl-2")
+    assert result.exit_code == 1 and "unknown preset 'dit-xxl-2'" in result.output and "dit-xl-2" in result.output
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    result = invoke("init-model", tmp_path / "full")
+    assert result.exit_code == 1 and "not empty" in result.output
+
+
+def test_long_prompt_is_truncated_with_a_warning(tiny_model_dir, tmp_path):
+    result = invoke("run", "--model-dir", tiny_model_dir, "--prompt", "a very long prompt " * 20, "--steps", 1,
+                    "--out", tmp_path / "long.png")
+    assert result.exit_code == 0, result.output
+    assert "warning: prompt truncated to 32 tokens" in result.output
+
+
+def test_no_model_dir_without_demo_model_says_what_to_do(monkeypatch):
+    from ldm_rt import model_dir
+
+    if (model_dir.Path(model_dir.__file__).parent / "demo" / "model" / "model_index.json").is_file():
+        pytest.skip("this install ships the demo model")
+    result = invoke("run", "--prompt", "x")
+    assert result.exit_code == 1 and "ldm-rt init-model" in result.output
+
+
+def test_env_lists_backends():
+    result = invoke("env")
+    assert result.exit_code == 0
+    for key in ("torch", "cuda available", "triton", "onnxruntime", "tensorrt", "polygraphy"):
+        assert key in result.output

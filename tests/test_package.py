@@ -1,0 +1,70 @@
+"""Packaging: kernels/ and export/ install inside ldm_rt, in a wheel and in an editable install;
+`ldm-rt run` on the torch backend imports no optional dependency."""
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (path,) = out.glob("ldm_rt-*.whl")
+    return path
+
+
+def test_wheel_has_no_top_level_kernels_or_export(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert "kernels" not in top and "export" not in top, sorted(top)
+    assert "ldm_rt/kernels/__init__.py" in names
+    assert "ldm_rt/export/__init__.py" in names
+    assert "ldm_rt/models/dit.py" in names
+
+
+def test_wheel_installs_and_imports_the_namespaced_packages(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True)
+    code = "import ldm_rt, ldm_rt.kernels, ldm_rt.export; print(ldm_rt.kernels.__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith(str(target)), proc.stdout
+
+
+def test_editable_install_maps_kernels_and_export():
+    import ldm_rt.export
+    import ldm_rt.kernels
+
+    for module, folder in ((ldm_rt.kernels, "kernels"), (ldm_rt.export, "export")):
+        path = Path(module.__file__).resolve()
+        assert path.parent.name in (folder, module.__name__.split(".")[-1])
+
+
+def test_run_imports_no_optional_dependency(tiny_model_dir, tmp_path):
+    code = f"""
+import sys, json
+from ldm_rt.cli import main
+try:
+    main(["run", "--model-dir", {str(tiny_model_dir)!r}, "--prompt", "x", "--steps", "1",
+          "--out", {str(tmp_path / "a.png")!r}])
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+heavy = ["triton", "onnx", "onnxruntime", "tensorrt", "transformers", "diffusers", "ldm_rt.kernels", "ldm_rt.export"]
+print(json.dumps([m for m in heavy if m in sys.modules]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
