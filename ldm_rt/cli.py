@@ -119,7 +119,8 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
               help="dtype of the stored weights.")
-def init_model_cmd(directory, preset, seed, dtype):
+@click.option("--overwrite", is_flag=True, help="Replace DIRECTORY if it already holds a model directory.")
+def init_model_cmd(directory, preset, seed, dtype, overwrite):
     """Write a complete model directory with seeded, non-zero random weights.
 
     For tests and for benchmarking at real sizes before real weights exist: the images are noise.
@@ -129,7 +130,7 @@ def init_model_cmd(directory, preset, seed, dtype):
     from ldm_rt.precision import Precision
 
     ModelConfig.from_name(preset)  # fail fast on a bad name
-    path = init_model(directory, preset, seed=seed, dtype=Precision(dtype).dtype)
+    path = init_model(directory, preset, seed=seed, dtype=Precision(dtype).dtype, overwrite=overwrite)
     click.echo(f"wrote {preset} model (seed {seed}, {dtype}) to {path}")
 
 

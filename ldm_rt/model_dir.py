@@ -174,11 +174,23 @@ def random_components(config: ModelConfig, seed: int = 0) -> Components:
     return Components(text_encoder, tokenizer, transformer, vae, dict(config.scheduler))
 
 
-def init_model(path: str | Path, preset: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """`ldm-rt init-model`: a complete model directory for `preset` with seeded random weights."""
+def init_model(
+    path: str | Path, preset: str, seed: int = 0, dtype: torch.dtype = torch.float32, overwrite: bool = False
+) -> Path:
+    """`ldm-rt init-model`: a complete model directory for `preset` with seeded random weights.
+
+    An existing non-empty directory is refused, unless `overwrite` is set and it is a model
+    directory (has model_index.json): then it is replaced.
+    """
+    import shutil
+
     root = Path(path).expanduser()
-    if root.exists() and any(root.iterdir()):
-        raise ModelDirError(f"{root} already exists and is not empty; choose a new directory.")
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        if not overwrite:
+            raise ModelDirError(f"{root} already exists and is not empty; choose a new directory or pass --overwrite.")
+        if not (root / "model_index.json").is_file():
+            raise ModelDirError(f"{root} is not a model directory (no model_index.json); refusing to overwrite it.")
+        shutil.rmtree(root)
     components = random_components(ModelConfig.from_name(preset), seed)
     return save_model_dir(components, root, dtype=dtype)
 

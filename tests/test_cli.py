@@ -158,6 +158,17 @@ def test_init_model_errors(tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     result = invoke("init-model", tmp_path / "full")
     assert result.exit_code == 1 and "not empty" in result.output
+    result = invoke("init-model", tmp_path / "full", "--overwrite")  # not a model dir: kept
+    assert result.exit_code == 1 and "refusing to overwrite" in result.output
+    assert (tmp_path / "full" / "x").is_file()
+
+
+def test_init_model_overwrite_replaces_a_model_dir(tmp_path):
+    assert invoke("init-model", tmp_path / "m", "--seed", 1).exit_code == 0
+    weights = tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+    assert invoke("init-model", tmp_path / "m", "--seed", 2, "--overwrite").exit_code == 0
+    assert weights.read_bytes() != before
 
 
 def test_long_prompt_is_truncated_with_a_warning(tiny_model_dir, tmp_path):
