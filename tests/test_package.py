@@ -31,6 +31,7 @@ def test_wheel_has_no_top_level_kernels_or_export(wheel):
     assert "ldm_rt/kernels/__init__.py" in names
     assert "ldm_rt/export/__init__.py" in names
     assert "ldm_rt/models/dit.py" in names
+    assert "ldm_rt/demo/shapes.py" in names
 
 
 def test_wheel_installs_and_imports_the_namespaced_packages(wheel, tmp_path):
