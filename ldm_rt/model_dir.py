@@ -72,22 +72,33 @@ def load_model_dir(path: str | Path) -> Components:
     index = read_json(root / "model_index.json", "model_index.json")
 
     te_dir = _component_dir(root, "text_encoder")
+    tr_dir = _component_dir(root, "transformer")
+    vae_dir = _component_dir(root, "vae")
     te_config = TextEncoderConfig.from_dict(read_json(te_dir / "config.json", "text_encoder config"))
+    dit_config = DiTConfig.from_dict(read_json(tr_dir / "config.json", "transformer config"))
+    vae_config = VAEConfig.from_dict(read_json(vae_dir / "config.json", "vae config"))
+    # Checked on the config files, before any weights are read: a config edited to a size that
+    # does not fit the other components is reported as that (ModelDirError naming both values),
+    # not as the weight-shape mismatch it also causes (which used to be raised first).
+    check_compatible(te_config, dit_config, vae_config)
+
     text_encoder = CLIPTextModel(te_config)
     load_text_encoder(text_encoder, read_safetensors(te_dir / TEXT_ENCODER_WEIGHTS, "text_encoder"))
 
     tokenizer = CLIPTokenizer.from_dir(_component_dir(root, "tokenizer"), max_length=te_config.max_position_embeddings)
+    if tokenizer.vocab_size > te_config.vocab_size:
+        raise ModelDirError(
+            f"the tokenizer produces ids up to {tokenizer.vocab_size - 1} but the text encoder's vocab_size "
+            f"is {te_config.vocab_size}; the tokenizer/ folder does not belong to this text encoder."
+        )
 
-    tr_dir = _component_dir(root, "transformer")
-    transformer = DiT(DiTConfig.from_dict(read_json(tr_dir / "config.json", "transformer config")))
+    transformer = DiT(dit_config)
     load_strict(transformer, read_safetensors(tr_dir / DIFFUSERS_WEIGHTS, "transformer"), "transformer")
 
-    vae_dir = _component_dir(root, "vae")
-    vae = AutoencoderKL(VAEConfig.from_dict(read_json(vae_dir / "config.json", "vae config")))
+    vae = AutoencoderKL(vae_config)
     load_strict(vae, read_safetensors(vae_dir / DIFFUSERS_WEIGHTS, "vae"), "vae")
 
     scheduler_config = read_json(_component_dir(root, "scheduler") / "scheduler_config.json", "scheduler config")
-    check_compatible(te_config, transformer.config, vae.config)
     for module in (text_encoder, transformer, vae):
         module.eval().requires_grad_(False)
     return Components(text_encoder, tokenizer, transformer, vae, scheduler_config, dict(index.get("_ldm_rt_defaults", {})))
@@ -102,6 +113,13 @@ def check_compatible(te: TextEncoderConfig, dit: DiTConfig, vae: VAEConfig) -> N
         problems.append(f"transformer pooled_dim {dit.pooled_dim} != text_encoder hidden_size {te.hidden_size}")
     if dit.in_channels != vae.latent_channels:
         problems.append(f"transformer in_channels {dit.in_channels} != vae latent_channels {vae.latent_channels}")
+    # The prediction is added to the latents by the scheduler step: an out_channels other than the
+    # latent channels (e.g. DiT's learned-sigma 2*C) used to load and then fail mid-denoising with a
+    # broadcasting traceback.
+    if dit.output_channels != vae.latent_channels:
+        problems.append(
+            f"transformer out_channels {dit.output_channels} != vae latent_channels {vae.latent_channels}"
+        )
     if problems:
         raise ModelDirError("components do not fit together: " + "; ".join(problems) + ".")
 

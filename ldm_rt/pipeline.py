@@ -102,7 +102,8 @@ class Pipeline:
 
     @property
     def default_size(self) -> int:
-        return self.defaults.get("height", self.config.transformer.sample_size * self.vae_scale_factor)
+        """Image side in pixels when neither the call nor the model's defaults give one."""
+        return self.config.transformer.sample_size * self.vae_scale_factor
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         multiple = self.vae_scale_factor * self.config.transformer.patch_size
@@ -186,8 +187,10 @@ class Pipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         steps = self.defaults.get("steps", DEFAULT_STEPS) if steps is None else steps
         guidance = self.defaults.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance
-        height = height or self.defaults.get("height", self.default_size)
-        width = width or self.defaults.get("width", self.default_size)
+        # `is None`, not `or`: an explicit 0 must reach latent_shape's check (InputError), not be
+        # replaced silently by the default size (`--height 0` used to give a default-size image).
+        height = self.defaults.get("height", self.default_size) if height is None else height
+        width = self.defaults.get("width", self.default_size) if width is None else width
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InputError("prompt must be a string or a non-empty list of strings.")
         if int(steps) != steps or steps < 1:
