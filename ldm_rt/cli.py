@@ -143,5 +143,24 @@ def env():
         click.echo(f"{key:<22} {value}")
 
 
+@main.command("train-demo")
+@click.option("--stage", type=click.Choice(["vae", "dit", "export"]), required=True)
+@click.option("--run-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--steps", type=int, default=0, help="Total step target; re-running resumes from the last checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch", type=int, default=None, help="Default: the demo config's.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default: the demo config's).")
+@click.option("--log-every", type=int, default=50, show_default=True)
+@click.option("--ckpt-every", type=int, default=500, show_default=True)
+@click.option("--config", default="demo", show_default=True, help="demo (the shipped model) or tiny (tests).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Export directory (default: the package's ldm_rt/demo/model).")
+def train_demo(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out):
+    """Train the built-in demo model (stages vae, dit, export); same as `python -m ldm_rt.demo.train`."""
+    from ldm_rt.demo.train import run_cli
+
+    run_cli(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,462 @@
+"""Train the built-in demo model on the procedural shapes dataset, in three resumable stages.
+
+    python -m ldm_rt.demo.train --stage vae    --run-dir runs/demo --steps 3000
+    python -m ldm_rt.demo.train --stage dit    --run-dir runs/demo --steps 30000
+    python -m ldm_rt.demo.train --stage export --run-dir runs/demo [--out ldm_rt/demo/model]
+
+- `vae`: AutoencoderKL (encoder + decoder) on fresh rendered images in [-1, 1]; L1 + KL (1e-6).
+- `dit`: VAE frozen; a fixed dataset (`num_train_images` scenes of the train split) is encoded
+  once to latents (posterior mean, then shifted and scaled to unit std) and cached in the run
+  dir with its tokenised captions; the DiT and the CLIP text encoder are trained jointly from
+  scratch with flow matching: x_t = (1 - t) x0 + t noise, target v = noise - x0, t logit-normal
+  (SD3), DiT timestep input t * 1000 (the scale of `FlowMatchEuler.timesteps`), captions
+  dropped to "" (the pipeline's unconditional prompt) with probability `caption_dropout`.
+  An EMA of both is kept and exported.
+- `export`: a standard model directory (fp16 safetensors + `_ldm_rt_defaults`).
+
+`--steps` is the total target: re-running the same command resumes from the run dir's last
+checkpoint (weights, optimiser, step, RNG states) and goes on. The batch and noise of step k
+are drawn from a generator seeded by (seed, k), so a resumed run is bit-identical to a straight
+one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldm_rt.demo.demo_config import DemoConfig, demo_config
+from ldm_rt.demo.shapes import VOCABULARY, make_batch
+from ldm_rt.errors import InputError, LdmRtError
+from ldm_rt.models.dit import DiT
+from ldm_rt.models.text_encoder import CLIPTextModel
+from ldm_rt.models.vae import AutoencoderKL
+from ldm_rt.tokenizer import BOS, END_OF_WORD, EOS, CLIPTokenizer, _CLIP_BYTE_RANK
+
+STAGES = ("vae", "dit", "export")
+DEFAULT_OUT = Path(__file__).parent / "model"
+_DATA_SEED_BASE = 1_000_003  # the fixed dit dataset uses make_batch seeds from here on
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def build_tokenizer(max_length: int) -> CLIPTokenizer:
+    """A CLIP-format BPE trained with `tokenizers` on the caption vocabulary.
+
+    Ids 0..511 are the 256 byte symbols and their "</w>" forms (CLIP's order), so any text
+    tokenises (unknown words fall back to bytes); then the trainer's merged symbols, which
+    include every VOCABULARY word as one "word</w>" token; then bos and eos (pad = eos, as CLIP).
+    """
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    tok = Tokenizer(BPE(end_of_word_suffix=END_OF_WORD))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # caption words are lowercase ascii letters
+    # An unreachable vocab_size: merging goes on until every word is a single symbol.
+    trainer = BpeTrainer(vocab_size=100_000, min_frequency=1, show_progress=False, end_of_word_suffix=END_OF_WORD)
+    tok.train_from_iterator([" ".join(VOCABULARY)], trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    symbols = sorted(_CLIP_BYTE_RANK, key=_CLIP_BYTE_RANK.__getitem__)
+    vocab = {s: i for i, s in enumerate(symbols + [s + END_OF_WORD for s in symbols])}
+    for token, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    vocab[BOS] = len(vocab)
+    vocab[EOS] = len(vocab)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return CLIPTokenizer.from_vocab(vocab, merges, max_length)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of one step's batch and noise: a function of (seed, step) only."""
+    return torch.Generator("cpu").manual_seed(seed * 1_000_000_007 + step)
+
+
+def lr_at(step: int, peak: float, warmup: int) -> float:
+    """Linear warmup to `peak`, then constant (a total-independent schedule keeps resumes exact
+    when `--steps` is raised later)."""
+    return peak * min(1.0, (step + 1) / max(1, warmup))
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class Logger:
+    def __init__(self, run_dir: Path, stage: str, bar):
+        self.path, self.stage, self.bar = run_dir / "log.jsonl", stage, bar
+
+    def __call__(self, **record) -> None:
+        record = {"stage": self.stage, **record}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+        self.bar.write(text) if self.bar is not None else print(text)
+
+
+def _run_info(run_dir: Path, config_name: str, seed: int) -> None:
+    """run.json pins the config and seed of a run dir; a mismatch is an error, not a silent mix."""
+    path = run_dir / "run.json"
+    info = {"config": config_name, "seed": seed}
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != info:
+            raise InputError(
+                f"run dir {run_dir} was started with {stored}, not {info}; use a new --run-dir or the same settings."
+            )
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(info) + "\n")
+
+
+# ----------------------------------------------------------------------------- EMA
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], module: torch.nn.Module, prefix: str, decay: float) -> None:
+    for name, p in module.named_parameters():
+        ema[prefix + name].lerp_(p.detach(), 1.0 - decay)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Warm-up of the EMA decay, as in diffusers' EMAModel: min(decay, (1 + k) / (10 + k))."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+# ----------------------------------------------------------------------------- stage: vae
+
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, gen: torch.Generator, kl_weight: float):
+    mean, logvar = vae.encode(x)  # (B, Cz, h, w) each
+    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+    recon = vae.decode(z)  # (B, 3, H, W)
+    rec = F.l1_loss(recon, x)
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
+    return rec + kl_weight * kl, rec
+
+
+def vae_batch(cfg: DemoConfig, seed: int, step: int, batch: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Fresh train-split images of step `step` in [-1, 1]; with `cfg.vae_crop`, one random
+    crop of that side per image (offsets drawn from `gen`)."""
+    images, _ = make_batch(seed * 1_000_003 + step, batch, size=cfg.image_size, split="train")
+    x = to_tensor(images)  # (B, 3, S, S)
+    c = cfg.vae_crop
+    if c is None or c >= cfg.image_size:
+        return x
+    offsets = torch.randint(cfg.image_size - c + 1, (batch, 2), generator=gen).tolist()
+    return torch.stack([img[:, i : i + c, j : j + c] for img, (i, j) in zip(x, offsets)])  # (B, 3, c, c)
+
+
+def _train_loop(*, stage, run_dir, steps, log_every, ckpt_every, progress, ckpt_path, state, step_fn, save_fn):
+    from tqdm.auto import tqdm
+
+    start = state["step"]
+    bar = tqdm(total=steps, initial=start, desc=stage, disable=not progress, dynamic_ncols=True)
+    log = Logger(run_dir, stage, bar if progress else None)
+    losses = []
+    t0, window = time.perf_counter(), []
+    for step in range(start, steps):
+        loss = step_fn(step)
+        losses.append(loss)
+        window.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        done = step + 1
+        if done % log_every == 0 or done == steps:
+            dt = (time.perf_counter() - t0) / len(window)
+            log(step=done, loss=float(np.mean(window)), s_per_step=dt)
+            t0, window = time.perf_counter(), []
+        if done % ckpt_every == 0 or done == steps:
+            _save_atomic(save_fn(done), ckpt_path)
+    bar.close()
+    return losses
+
+
+def train_vae(cfg: DemoConfig, run_dir: Path, steps: int, seed: int, batch: int, lr: float, log_every: int,
+              ckpt_every: int, progress: bool, overfit: bool) -> list[float]:
+    ckpt_path = run_dir / "vae.pt"
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(cfg.vae)  # PyTorch's default init
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    state = {"step": 0}
+    if ckpt_path.is_file():
+        ck = _load(ckpt_path)
+        vae.load_state_dict(ck["vae"])
+        opt.load_state_dict(ck["opt"])
+        _set_rng_states(ck["rng"])
+        state["step"] = ck["step"]
+    vae.train()
+
+    def step_fn(step):
+        gen = step_generator(seed, 0 if overfit else step)
+        x = vae_batch(cfg, seed, 0 if overfit else step, batch, gen)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, cfg.vae_warmup)
+        loss, rec = vae_loss(vae, x, gen, cfg.vae_kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        return rec.item()
+
+    def save_fn(done):
+        return {"step": done, "vae": vae.state_dict(), "opt": opt.state_dict(), "rng": _rng_states(),
+                "batch": batch, "lr": lr}
+
+    return _train_loop(stage="vae", run_dir=run_dir, steps=steps, log_every=log_every, ckpt_every=ckpt_every,
+                       progress=progress, ckpt_path=ckpt_path, state=state, step_fn=step_fn, save_fn=save_fn)
+
+
+def load_vae(cfg: DemoConfig, run_dir: Path) -> AutoencoderKL:
+    path = run_dir / "vae.pt"
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; run `--stage vae` with this --run-dir first.")
+    vae = AutoencoderKL(cfg.vae)
+    vae.load_state_dict(_load(path)["vae"])
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def vae_psnr(vae: AutoencoderKL, cfg: DemoConfig, n: int = 64, seed: int = 12345) -> float:
+    """PSNR (dB, images in [0, 1]) of mean-latent reconstructions of held-out-split images."""
+    images, _ = make_batch(seed, n, size=cfg.image_size, split="heldout")
+    x = to_tensor(images)
+    errs = []
+    for chunk in x.split(16):
+        recon = vae.decode(vae.encode(chunk)[0]).clamp(-1, 1)
+        errs.append(((recon - chunk) / 2).pow(2).mean(dim=(1, 2, 3)))
+    mse = torch.cat(errs)
+    return float((-10 * torch.log10(mse.clamp_min(1e-10))).mean())
+
+
+# ----------------------------------------------------------------------------- stage: dit
+
+@torch.no_grad()
+def latent_cache(cfg: DemoConfig, run_dir: Path, tokenizer: CLIPTokenizer, progress: bool = True) -> dict:
+    """The fixed dit dataset: scaled latents (N, Cz, h, w), caption ids and masks (N, M), and the
+    VAE's shift and scale (latents = (mean - shift) * scale have mean 0, std 1). Cached in
+    `latents.pt` so restarts are cheap."""
+    from tqdm.auto import tqdm
+
+    path = run_dir / "latents.pt"
+    if path.is_file():
+        return _load(path)
+    vae = load_vae(cfg, run_dir)
+    n, chunk = cfg.num_train_images, 250
+    means, captions = [], []
+    for k in tqdm(range(0, n, chunk), desc="encoding dataset", disable=not progress):
+        images, caps = make_batch(_DATA_SEED_BASE + k, min(chunk, n - k), size=cfg.image_size, split="train")
+        x = to_tensor(images)
+        means += [vae.encode(part)[0] for part in x.split(50)]
+        captions += caps
+    latents = torch.cat(means)  # (N, Cz, h, w) raw posterior means
+    shift, std = latents.mean().item(), latents.std().item()
+    tokens = tokenizer(captions)
+    cache = {"latents": (latents - shift) / std, "input_ids": tokens.input_ids, "mask": tokens.attention_mask,
+             "captions": captions, "shift_factor": shift, "scaling_factor": 1.0 / std}
+    _save_atomic(cache, path)
+    return cache
+
+
+def flow_matching_loss(dit: DiT, text_encoder: CLIPTextModel, x0, input_ids, mask, gen: torch.Generator):
+    """x_t = (1 - t) x0 + t noise; the DiT predicts v = noise - x0 at timestep t * 1000."""
+    b = x0.shape[0]
+    t = torch.sigmoid(torch.randn(b, generator=gen))  # (B,) logit-normal(0, 1), as SD3
+    noise = torch.randn(x0.shape, generator=gen)
+    tt = t.view(b, 1, 1, 1)
+    xt = (1 - tt) * x0 + tt * noise
+    states, pooled = text_encoder(input_ids)  # (B, M, D), (B, D)
+    pred = dit(xt, t * 1000.0, states, mask, pooled)
+    return F.mse_loss(pred, noise - x0)
+
+
+def train_dit(cfg: DemoConfig, run_dir: Path, steps: int, seed: int, batch: int, lr: float, log_every: int,
+              ckpt_every: int, progress: bool, overfit: bool) -> list[float]:
+    ckpt_path = run_dir / "dit.pt"
+    tokenizer = build_tokenizer(cfg.text_encoder.max_position_embeddings)
+    cache = latent_cache(cfg, run_dir, tokenizer, progress)
+    empty = tokenizer([""])
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(cfg.text_encoder_config(tokenizer))
+    dit = DiT(cfg.transformer)
+    dit.initialize_weights()  # adaLN-Zero
+    params = list(dit.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = {"dit." + k: v.detach().clone() for k, v in dit.named_parameters()}
+        ema |= {"text_encoder." + k: v.detach().clone() for k, v in text_encoder.named_parameters()}
+    state = {"step": 0}
+    if ckpt_path.is_file():
+        ck = _load(ckpt_path)
+        dit.load_state_dict(ck["dit"])
+        text_encoder.load_state_dict(ck["text_encoder"])
+        opt.load_state_dict(ck["opt"])
+        if ema is not None:
+            ema = ck["ema"]
+        _set_rng_states(ck["rng"])
+        state["step"] = ck["step"]
+    dit.train()
+    text_encoder.train()
+    n = cache["latents"].shape[0]
+
+    def step_fn(step):
+        gen = step_generator(seed, 0 if overfit else step)
+        idx = torch.randint(n, (batch,), generator=gen)
+        x0 = cache["latents"][idx]
+        ids, mask = cache["input_ids"][idx].clone(), cache["mask"][idx].clone()
+        drop = torch.rand(batch, generator=gen) < cfg.caption_dropout
+        ids[drop], mask[drop] = empty.input_ids[0], empty.attention_mask[0]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, cfg.dit_warmup)
+        loss = flow_matching_loss(dit, text_encoder, x0, ids, mask, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if ema is not None:
+            decay = ema_decay_at(step, cfg.ema_decay)
+            ema_update(ema, dit, "dit.", decay)
+            ema_update(ema, text_encoder, "text_encoder.", decay)
+        return loss.item()
+
+    def save_fn(done):
+        return {"step": done, "dit": dit.state_dict(), "text_encoder": text_encoder.state_dict(),
+                "opt": opt.state_dict(), "ema": ema, "rng": _rng_states(), "batch": batch, "lr": lr}
+
+    return _train_loop(stage="dit", run_dir=run_dir, steps=steps, log_every=log_every, ckpt_every=ckpt_every,
+                       progress=progress, ckpt_path=ckpt_path, state=state, step_fn=step_fn, save_fn=save_fn)
+
+
+# ----------------------------------------------------------------------------- stage: export
+
+def export(cfg: DemoConfig, run_dir: Path, out: Path, use_ema: bool = True) -> Path:
+    """Write the run's model as a standard model directory (fp16 weights, run defaults)."""
+    import shutil
+
+    from ldm_rt.model_dir import Components, save_model_dir
+
+    ckpt_path = run_dir / "dit.pt"
+    if not ckpt_path.is_file():
+        raise InputError(f"{ckpt_path} does not exist; run `--stage dit` with this --run-dir first.")
+    tokenizer = build_tokenizer(cfg.text_encoder.max_position_embeddings)
+    cache = latent_cache(cfg, run_dir, tokenizer, progress=False)
+    ck = _load(ckpt_path)
+    text_encoder = CLIPTextModel(cfg.text_encoder_config(tokenizer))
+    dit = DiT(cfg.transformer)
+    dit.load_state_dict(ck["dit"])
+    text_encoder.load_state_dict(ck["text_encoder"])
+    if use_ema and ck.get("ema") is not None:
+        with torch.no_grad():
+            for prefix, module in (("dit.", dit), ("text_encoder.", text_encoder)):
+                for name, p in module.named_parameters():
+                    p.copy_(ck["ema"][prefix + name])
+    vae = load_vae(cfg, run_dir)
+    vae.config = replace(cfg.vae, scaling_factor=cache["scaling_factor"], shift_factor=cache["shift_factor"])
+    components = Components(text_encoder.eval(), tokenizer, dit.eval(), vae, cfg.scheduler, cfg.defaults)
+    out = Path(out)
+    if out.exists() and (out / "model_index.json").is_file():
+        shutil.rmtree(out)
+    return save_model_dir(components, out, dtype=torch.float16)
+
+
+def dir_size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 1e6
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def train(stage: str, run_dir: str | Path, steps: int = 0, seed: int = 0, batch: int | None = None,
+          lr: float | None = None, log_every: int = 50, ckpt_every: int = 500, config: str = "demo",
+          out: str | Path | None = None, progress: bool = True, overfit: bool = False):
+    """One stage (`vae`, `dit` or `export`) in `run_dir`; returns the losses of the steps run
+    (for `export`, the model directory written). `overfit` repeats step 0's batch and noise
+    (tests only)."""
+    if stage not in STAGES:
+        raise InputError(f"--stage {stage!r}; use one of {', '.join(STAGES)}.")
+    cfg = demo_config(config)
+    run_dir = Path(run_dir)
+    _run_info(run_dir, config, seed)
+    if stage == "export":
+        path = export(cfg, run_dir, Path(out) if out is not None else DEFAULT_OUT)
+        return path
+    if steps < 1:
+        raise InputError(f"--steps {steps}: give the total number of steps (>= 1).")
+    if log_every < 1 or ckpt_every < 1:
+        raise InputError("--log-every and --ckpt-every must be >= 1.")
+    if stage == "vae":
+        return train_vae(cfg, run_dir, steps, seed, batch or cfg.vae_batch, lr or cfg.vae_lr, log_every,
+                         ckpt_every, progress, overfit)
+    return train_dit(cfg, run_dir, steps, seed, batch or cfg.dit_batch, lr or cfg.dit_lr, log_every,
+                     ckpt_every, progress, overfit)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ldm_rt.demo.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", choices=STAGES, required=True)
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=0, help="total step target (resumes from the last checkpoint)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--config", default="demo", help="demo (the shipped model) or tiny (tests)")
+    p.add_argument("--out", type=Path, default=None, help=f"export directory (default {DEFAULT_OUT})")
+    return p.parse_args(argv)
+
+
+def run_cli(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out) -> None:
+    """What both `python -m ldm_rt.demo.train` and `ldm-rt train-demo` do."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    result = train(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out)
+    cfg = demo_config(config)
+    if stage == "export":
+        print(f"wrote {result} ({dir_size_mb(result):.1f} MB)")
+    elif stage == "vae":
+        print(f"vae: held-out PSNR {vae_psnr(load_vae(cfg, Path(run_dir)), cfg):.2f} dB")
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        run_cli(a.stage, a.run_dir, a.steps, a.seed, a.batch, a.lr, a.log_every, a.ckpt_every, a.config, a.out)
+    except LdmRtError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Demo-model training code on the `tiny` demo config (CPU, seconds)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_rt.demo import train as T
+from ldm_rt.demo.shapes import VOCABULARY, heldout_captions
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP's spinning threads slow down 10x when
+    other processes share the 2 cores (20 tiny VAE steps: 43 s at 2 threads under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(stage, run_dir, steps, **kw):
+    kw = {"config": "tiny", "progress": False, "log_every": 5, "ckpt_every": 2, **kw}
+    return T.train(stage, run_dir, steps, **kw)
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    """A run dir with a (briefly) trained tiny VAE."""
+    run_dir = tmp_path_factory.mktemp("run") / "vae"
+    _run("vae", run_dir, 6)
+    return run_dir
+
+
+def _copy_run(src, dst):
+    shutil.copytree(src, dst)
+    for name in ("dit.pt", "log.jsonl"):
+        (dst / name).unlink(missing_ok=True)
+    return dst
+
+
+def test_tokenizer_words_are_single_tokens_and_unknown_words_fall_back_to_bytes():
+    tok = T.build_tokenizer(32)
+    for word in VOCABULARY:
+        out = tok(word)
+        assert out.attention_mask.sum() == 3, word  # bos, the word, eos
+    longest = max(heldout_captions(), key=len) + " and a pink square in the bottom right corner"
+    assert not tok(longest).truncated[0]
+    out = tok(["a zebra with wings, 3 ÄÖ!", "", "red " * 100])
+    assert out.input_ids.shape == (3, 32) and out.input_ids.max() < tok.vocab_size
+    body = out.input_ids[0, 1 : out.attention_mask[0].sum() - 1]
+    assert (body != tok.eos_token_id).all()  # byte symbols, never the unk (= eos) id
+    assert out.truncated == [False, False, True]
+
+
+@pytest.mark.parametrize("stage", ["vae", "dit"])
+def test_loss_is_finite_and_decreases_on_a_fixed_batch(stage, vae_run, tmp_path):
+    run_dir = tmp_path / "run" if stage == "vae" else _copy_run(vae_run, tmp_path / "run")
+    losses = _run(stage, run_dir, 20, overfit=True)
+    assert len(losses) == 20 and np.isfinite(losses).all()
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [5, 10, 15, 20] and all(r["stage"] == stage for r in log)
+
+
+def _state(path, keys):
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return {f"{k}.{n}": v for k in keys for n, v in ck[k].items()}
+
+
+@pytest.mark.parametrize("stage", ["vae", "dit"])
+def test_resume_is_bit_identical_to_a_straight_run(stage, vae_run, tmp_path):
+    if stage == "vae":
+        a, b, keys = tmp_path / "a", tmp_path / "b", ["vae"]
+    else:
+        a, b, keys = _copy_run(vae_run, tmp_path / "a"), _copy_run(vae_run, tmp_path / "b"), ["dit", "text_encoder", "ema"]
+    _run(stage, a, 4)
+    assert torch.load(a / f"{stage}.pt", weights_only=False)["step"] == 4
+    resumed = _run(stage, a, 8)
+    assert len(resumed) == 4  # steps 5..8 only
+    _run(stage, b, 8)
+    sa, sb = _state(a / f"{stage}.pt", keys), _state(b / f"{stage}.pt", keys)
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        if stage == "vae":
+            assert torch.equal(sa[name], sb[name]), name
+        else:
+            # Not bit-identical on CPU: the gradients of x_embedder.proj and blocks.0.cross_attn.proj
+            # differ in the last bits between two *straight* runs in one process (they depend on
+            # the process's allocation history); Adam turns such noise into steps of up to lr, so the
+            # bound is steps x lr (8 x 2e-3). Unresolved: see the report of the training-code PR.
+            torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=2e-2, msg=name)
+
+
+def test_export_loads_and_generates_with_the_run_defaults(vae_run, tmp_path):
+    from ldm_rt.pipeline import Pipeline
+
+    run_dir = _copy_run(vae_run, tmp_path / "run")
+    _run("dit", run_dir, 3)
+    out = _run("export", run_dir, 0, out=tmp_path / "model")
+    pipe = Pipeline.from_pretrained(out, device="cpu")
+    cfg = T.demo_config("tiny")
+    assert pipe.defaults == cfg.defaults
+    vae = pipe.config.vae
+    assert vae.shift_factor is not None and vae.scaling_factor > 0
+    weights = [p for p in out.rglob("*.safetensors")]
+    assert len(weights) == 3
+    images = pipe.generate(["a red circle on the left", "", "a zebra with wings"], seed=1).images
+    assert [im.size for im in images] == [(cfg.image_size, cfg.image_size)] * 3
+
+
+def test_run_dir_pins_config_and_seed(tmp_path):
+    from ldm_rt.errors import InputError
+
+    _run("vae", tmp_path / "r", 1)
+    with pytest.raises(InputError, match="was started with"):
+        _run("vae", tmp_path / "r", 2, seed=1)
+    with pytest.raises(InputError, match="--stage dit"):
+        _run("export", tmp_path / "r", 0, out=tmp_path / "m")
