@@ -13,6 +13,7 @@ import transformers
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from safetensors.torch import load_file, save_file
 
+from random_weights import randomize_ as _randomize_
 from ldm_rt.configs import ModelConfig, TextEncoderConfig
 from ldm_rt.errors import ModelDirError
 from ldm_rt.model_dir import Components, init_model, load_model_dir, random_components, save_model_dir
@@ -29,16 +30,6 @@ PROMPTS = [
 
 def _modules(c: Components) -> dict[str, torch.nn.Module]:
     return {"text_encoder": c.text_encoder, "transformer": c.transformer, "vae": c.vae}
-
-
-def _randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Independent of ldm_rt's randomize_: norm scales 1 + N(0, 0.1), everything else N(0, 0.1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = 0.1 * torch.randn(p.shape, generator=g)
-            is_norm_scale = p.ndim == 1 and "norm" in name and name.endswith("weight")
-            p.copy_(1.0 + noise if is_norm_scale else noise)
 
 
 # ------------------------------------------------------------------------------ 1. round trip

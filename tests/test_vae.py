@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
+from random_weights import randomize_ as _randomize_
 from ldm_rt import ops
 from ldm_rt.configs import SD_VAE, VAEConfig
 from ldm_rt.errors import WeightsError
@@ -34,16 +35,6 @@ NO_QUANT_NO_ATTN = dict(
 CONFIGS = pytest.mark.parametrize(
     "kwargs", [TWO_BLOCKS, THREE_BLOCKS, NO_QUANT_NO_ATTN], ids=["2blocks", "3blocks", "noquant-noattn"]
 )
-
-
-def _randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter non-trivial: norm weights ~ 1 + N(0, 0.1), all else ~ N(0, 0.1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = 0.1 * torch.randn(p.shape, generator=g)
-            is_norm_scale = p.ndim == 1 and "norm" in name and name.endswith("weight")
-            p.copy_(1.0 + noise if is_norm_scale else noise)
 
 
 def _pair(kwargs: dict, seed: int = 0) -> tuple[DiffusersAutoencoderKL, AutoencoderKL]:
