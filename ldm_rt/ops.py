@@ -68,12 +68,15 @@ def rope_freqs(
     each axis uses the 1D frequencies theta ** (-2i / axis_dim), as Flux's `FluxPosEmbed`.
     Returns cos, sin of shape (N, head_dim // 2) in fp32: one angle per interleaved pair.
     """
-    rows = torch.arange(height, device=device, dtype=torch.float64).repeat_interleave(width)  # (N,)
-    cols = torch.arange(width, device=device, dtype=torch.float64).repeat(height)  # (N,)
+    # expand/reshape rather than repeat/repeat_interleave: the same values, but torch 2.13's ONNX
+    # exporter keeps these ops symbolic in height/width, so one dynamic export serves every size
+    # (with repeat_interleave the exported table only fit the traced size).
+    rows = torch.arange(height, device=device, dtype=torch.float64)[:, None].expand(height, width).reshape(-1)  # (N,)
+    cols = torch.arange(width, device=device, dtype=torch.float64)[None, :].expand(height, width).reshape(-1)  # (N,)
     angles = []
     for pos, dim in zip((rows, cols), axes_dim):
         freqs = 1.0 / theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim)  # (dim/2,)
-        angles.append(torch.outer(pos, freqs))  # (N, dim/2)
+        angles.append(pos[:, None] * freqs[None, :])  # (N, dim/2)
     angle = torch.cat(angles, dim=-1)  # (N, head_dim/2)
     return angle.cos().float(), angle.sin().float()
 
