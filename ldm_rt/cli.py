@@ -134,6 +134,40 @@ def init_model_cmd(directory, preset, seed, dtype, overwrite):
     click.echo(f"wrote {preset} model (seed {seed}, {dtype}) to {path}")
 
 
+EXPORT_MODELS = {"dit": ("transformer",), "text-encoder": ("text_encoder",), "vae": ("vae_decoder",),
+                 "all": ("text_encoder", "transformer", "vae_decoder")}
+
+
+@main.command("export")
+@click.option("--model", "which", type=click.Choice(list(EXPORT_MODELS)), required=True,
+              help="Component to export (dit, text-encoder, vae) or all.")
+@click.option("--model-dir", type=click.Path(path_type=Path), default=None,
+              help="Model directory (diffusers layout). Default: the built-in demo model.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Directory for the .onnx files and manifest.json.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--static", is_flag=True, help="Fixed batch and size instead of dynamic axes.")
+@click.option("--height", type=int, default=None, help="With --static: image height in pixels.")
+@click.option("--width", type=int, default=None, help="With --static: image width in pixels.")
+@click.option("--batch", type=int, default=None, help="With --static: batch size (default 1).")
+def export_cmd(which, model_dir, out, dtype, opset, static, height, width, batch):
+    """Export components to ONNX (one file each) plus manifest.json; unchanged ones are reused."""
+    from ldm_rt.export.onnx_export import StaticShape, export_model
+    from ldm_rt.model_dir import default_model_dir, load_model_dir
+
+    if not static and (height, width, batch) != (None, None, None):
+        raise InputError("--height, --width and --batch only apply with --static.")
+    components = load_model_dir(model_dir or default_model_dir())
+    shape = None
+    if static:
+        size = components.config.transformer.sample_size * components.config.vae.scale_factor
+        shape = StaticShape(1 if batch is None else batch, size if height is None else height,
+                            size if width is None else width)
+    export_model(components, out, EXPORT_MODELS[which], dtype=dtype, opset=opset, static=shape)
+    click.echo(f"{out}: {', '.join(EXPORT_MODELS[which])} and manifest.json")
+
+
 @main.command()
 def env():
     """Print what is available: torch and CUDA, GPU, triton, onnxruntime, tensorrt, polygraphy."""

@@ -46,4 +46,8 @@ def load_backend(name: str, components, device: torch.device, precision: Precisi
         from ldm_rt.backends.torch_backend import load
 
         return load(components, device, precision)
+    if name == "onnxruntime":
+        from ldm_rt.backends.onnxruntime_backend import load
+
+        return load(components, device, precision)
     raise LdmRtError(f"the {name} backend is not available in this version of ldm-rt yet; use --backend torch.")

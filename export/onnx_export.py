@@ -1,0 +1,287 @@
+"""ONNX export of the reference modules: one .onnx per component plus manifest.json.
+
+Exporter: `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript; the default since
+torch 2.9, and the only one that still runs in torch 2.13). Dynamic axes come from the
+component specs (`export/specs.py`) as `torch.export.Dim`s; a DiT latent axis is declared as
+`patch_size * Dim(...)` so torch.export proves every exported size is patchifiable.
+
+Files are cached by content (STYLE.md principle 7): each component's manifest entry carries a
+sha256 of its config, weights, the export options and the exporter versions; a re-export with
+the same key reuses the file (one line says so), a different key rebuilds it (one line says why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ldm_rt import __version__
+from ldm_rt.errors import InputError, LdmRtError, require
+from ldm_rt.export.specs import COMPONENT_NAMES, ComponentSpec, component_specs
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+EXPORTER = "torch.onnx.export(dynamo=True)"
+# protobuf cannot serialise a message over 2 GiB; bigger graphs keep their weights in <file>.data.
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
+SUPPORTED_DTYPES = ("fp32",)  # fp16/bf16 export: not yet (issue 6)
+
+
+@dataclass(frozen=True)
+class StaticShape:
+    """A fully static export: batch and image size in pixels."""
+
+    batch: int
+    height: int
+    width: int
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _sha256_module(h, module: nn.Module) -> None:
+    h.update(json.dumps(module.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def source_hash(components) -> str:
+    """sha256 of the three components' configs and weights: what an export is made from."""
+    h = hashlib.sha256()
+    for module in (components.text_encoder, components.transformer, components.vae):
+        _sha256_module(h, module)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxscript
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+            "ldm_rt": __version__}
+
+
+def _component_key(module: nn.Module, spec: ComponentSpec, options: dict) -> str:
+    h = hashlib.sha256()
+    _sha256_module(h, getattr(module, "vae", module))  # VAEDecoder wraps the AutoencoderKL
+    h.update(json.dumps({"spec": _spec_dict(spec), "options": options, "format": MANIFEST_FORMAT},
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _spec_dict(spec: ComponentSpec) -> dict:
+    def tensors(ts):
+        return [{"name": t.name, "dtype": t.dtype_name, "dims": list(t.dims)} for t in ts]
+
+    return {
+        "inputs": tensors(spec.inputs),
+        "outputs": tensors(spec.outputs),
+        "dynamic_axes": {t.name: t.dynamic_axes for t in spec.inputs + spec.outputs if t.dynamic_axes},
+        "multiple_of": dict(spec.multiple_of),
+    }
+
+
+def _dynamic_shapes(spec: ComponentSpec, static: bool) -> tuple | None:
+    """torch.export Dims for the spec's symbolic input dims (one Dim object per symbol)."""
+    if static:
+        return None
+    from torch.export import Dim
+
+    dims: dict[str, object] = {}
+    for name in dict.fromkeys(d for t in spec.inputs for d in t.dims if isinstance(d, str)):
+        k = spec.multiple_of.get(name, 1)
+        dims[name] = k * Dim(f"{name}_div{k}", min=1, max=8192) if k > 1 else Dim(name, min=1, max=8192)
+    return tuple({i: dims[d] for i, d in t.dynamic_axes.items()} or None for t in spec.inputs)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's warnings and its 'torchvision is not installed' log lines."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output directory {out_dir}: {exc.strerror or exc}.") from None
+    if not out_dir.is_dir():
+        raise InputError(f"output path {out_dir} exists and is not a directory; give a directory to --out.")
+    if not os.access(out_dir, os.W_OK):
+        raise InputError(f"output directory {out_dir} is not writable; choose another --out.")
+
+
+def check_static(config, static: StaticShape) -> tuple[int, int]:
+    """Image size in pixels -> latent size, or an InputError naming the multiple it must be."""
+    f = config.vae.scale_factor
+    multiple = f * config.transformer.patch_size
+    if static.batch < 1:
+        raise InputError(f"--batch {static.batch} must be >= 1.")
+    for name, value in (("height", static.height), ("width", static.width)):
+        if value < multiple or value % multiple:
+            raise InputError(
+                f"--{name} {value} is not a size this model can take: it must be a positive multiple of "
+                f"{multiple} (VAE factor {f} x patch size {config.transformer.patch_size})."
+            )
+    return static.height // f, static.width // f
+
+
+def read_manifest(out_dir: str | Path) -> dict | None:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _initializer_bytes(program) -> int:
+    total = 0
+    for value in program.model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def export_model(
+    model_dir_or_components,
+    out_dir: str | Path,
+    components: Iterable[str] = COMPONENT_NAMES,
+    dtype: str = "fp32",
+    opset: int | None = None,
+    static: StaticShape | None = None,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    log: Callable[[str], None] = _log,
+) -> dict:
+    """Export the chosen components into `out_dir`; returns the manifest written there."""
+    require("onnx", "export", "ONNX export")
+    require("onnxscript", "export", "ONNX export")
+    import onnx
+
+    from ldm_rt.model_dir import load_model_dir
+
+    if dtype not in SUPPORTED_DTYPES:
+        raise InputError(f"--dtype {dtype} export is not implemented yet; use --dtype fp32.")
+    names = list(dict.fromkeys(components))
+    unknown = [n for n in names if n not in COMPONENT_NAMES]
+    if unknown or not names:
+        raise InputError(f"unknown component(s) {unknown}; choose from {', '.join(COMPONENT_NAMES)}.")
+    parts = (
+        load_model_dir(model_dir_or_components)
+        if isinstance(model_dir_or_components, (str, os.PathLike))
+        else model_dir_or_components
+    )
+    out_dir = Path(out_dir).expanduser()
+    specs = component_specs(parts.config)
+    if static is not None:
+        latent_hw = check_static(parts.config, static)
+    _check_out_dir(out_dir)
+
+    versions = _versions()
+    source = source_hash(parts)
+    options = {"dtype": dtype, "opset": opset, "static": None if static is None else static.__dict__,
+               "exporter": EXPORTER, **versions}
+    previous = read_manifest(out_dir) or {}
+    entries: dict = {}
+    if previous.get("format") == MANIFEST_FORMAT and previous.get("options") == options:
+        entries = {n: e for n, e in previous.get("components", {}).items()
+                   if n in specs and (out_dir / e["file"]).is_file()}
+    elif previous.get("components"):
+        log(f"{out_dir}: manifest was written with other export options or versions; starting a new one.")
+    for name in [n for n in entries if n not in names]:  # listed, not exported now: still current?
+        if entries[name].get("sha256") != _component_key(specs[name].module(parts), specs[name], options):
+            log(f"{name}: dropped from the manifest, its config or weights changed; re-export it.")
+            del entries[name]
+
+    for name in names:
+        spec = specs[name]
+        module = spec.module(parts).eval()
+        key = _component_key(module, spec, options)
+        path = out_dir / f"{name}.onnx"
+        old = entries.get(name)
+        if old is not None and old.get("sha256") == key and path.is_file():
+            log(f"{name}: reusing {path} (hash {key[:12]} unchanged)")
+            continue
+        if old is not None:
+            log(f"{name}: re-exporting {path} (hash {old.get('sha256', '?')[:12]} -> {key[:12]})")
+        start = time.perf_counter()
+        if static is not None:
+            h, w = latent_hw if spec.latent else (0, 0)
+            args = spec.sample_inputs(static.batch, h, w)
+        else:
+            # An odd, non-square sample (batch 2, 3x2 patches) so no dynamic dim is specialised
+            # to 1 or to another dim's size by torch.export.
+            p = specs["transformer"].multiple_of.get("height", 1)
+            args = spec.sample_inputs(2, 3 * p, 2 * p)
+        with _quiet(), torch.no_grad():
+            try:
+                program = torch.onnx.export(
+                    module, args, None, dynamo=True, input_names=spec.input_names,
+                    output_names=spec.output_names, dynamic_shapes=_dynamic_shapes(spec, static is not None),
+                    opset_version=opset, optimize=True, verbose=False, report=False,
+                )
+            except LdmRtError:
+                raise
+            except Exception as exc:  # the exporter's own errors are long; keep the first line
+                raise LdmRtError(f"exporting {name} failed: {str(exc).strip().splitlines()[0]}") from exc
+        external = _initializer_bytes(program) > external_data_threshold
+        data_path = path.with_name(path.name + ".data")
+        for stale in (path, data_path):
+            stale.unlink(missing_ok=True)
+        program.save(str(path), external_data=external)
+        onnx.checker.check_model(str(path))  # the path form: works for graphs with external data
+        opset_used = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
+                          if o.domain in ("", "ai.onnx"))
+        entries[name] = {
+            "file": path.name,
+            "external_data": data_path.name if external else None,
+            "sha256": key,
+            "opset": opset_used,
+            "static": options["static"],  # None: dynamic axes as listed
+            "parity_key": spec.parity_key,
+            **_spec_dict(spec),
+        }
+        size = path.stat().st_size + (data_path.stat().st_size if external else 0)
+        log(f"{name}: exported {path} ({size / 1e6:.1f} MB{', external data' if external else ''}) "
+            f"in {time.perf_counter() - start:.1f} s")
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "options": options,
+        "exporter": EXPORTER,
+        "versions": versions,
+        "dtype": dtype,
+        "opset": opset if opset is not None else max((e["opset"] for e in entries.values()), default=None),
+        "static": None if static is None else static.__dict__,
+        "source_sha256": source,
+        "sha256": hashlib.sha256(json.dumps(
+            {n: e["sha256"] for n, e in sorted(entries.items())}).encode()).hexdigest(),
+        "components": dict(sorted(entries.items())),
+    }
+    if manifest != previous:
+        (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
