@@ -60,12 +60,25 @@ def _sha256_module(h, module: nn.Module) -> None:
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
-def source_hash(components) -> str:
+# Which model component each exported graph is made from.
+_SOURCE = {"text_encoder": "text_encoder", "transformer": "transformer", "vae_decoder": "vae"}
+
+
+def component_digests(components) -> dict[str, str]:
+    """sha256 of each component's config and weights. Hashing reads every weight (seconds for a
+    2.7 GB DiT-XL/2), so callers compute this once and pass it on."""
+    digests = {}
+    for name in ("text_encoder", "transformer", "vae"):
+        h = hashlib.sha256()
+        _sha256_module(h, getattr(components, name))
+        digests[name] = h.hexdigest()
+    return digests
+
+
+def source_hash(components, digests: dict[str, str] | None = None) -> str:
     """sha256 of the three components' configs and weights: what an export is made from."""
-    h = hashlib.sha256()
-    for module in (components.text_encoder, components.transformer, components.vae):
-        _sha256_module(h, module)
-    return h.hexdigest()
+    digests = digests or component_digests(components)
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -76,9 +89,8 @@ def _versions() -> dict[str, str]:
             "ldm_rt": __version__}
 
 
-def _component_key(module: nn.Module, spec: ComponentSpec, options: dict) -> str:
-    h = hashlib.sha256()
-    _sha256_module(h, getattr(module, "vae", module))  # VAEDecoder wraps the AutoencoderKL
+def _component_key(digest: str, spec: ComponentSpec, options: dict) -> str:
+    h = hashlib.sha256(digest.encode())
     h.update(json.dumps({"spec": _spec_dict(spec), "options": options, "format": MANIFEST_FORMAT},
                         sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -176,8 +188,12 @@ def export_model(
     static: StaticShape | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     log: Callable[[str], None] = _log,
+    digests: dict[str, str] | None = None,
 ) -> dict:
-    """Export the chosen components into `out_dir`; returns the manifest written there."""
+    """Export the chosen components into `out_dir`; returns the manifest written there.
+
+    `digests` (from `component_digests`) saves re-hashing the weights when the caller has them.
+    """
     require("onnx", "export", "ONNX export")
     require("onnxscript", "export", "ONNX export")
     import onnx
@@ -202,7 +218,8 @@ def export_model(
     _check_out_dir(out_dir)
 
     versions = _versions()
-    source = source_hash(parts)
+    digests = digests or component_digests(parts)
+    source = source_hash(parts, digests)
     options = {"dtype": dtype, "opset": opset, "static": None if static is None else static.__dict__,
                "exporter": EXPORTER, **versions}
     previous = read_manifest(out_dir) or {}
@@ -213,14 +230,14 @@ def export_model(
     elif previous.get("components"):
         log(f"{out_dir}: manifest was written with other export options or versions; starting a new one.")
     for name in [n for n in entries if n not in names]:  # listed, not exported now: still current?
-        if entries[name].get("sha256") != _component_key(specs[name].module(parts), specs[name], options):
+        if entries[name].get("sha256") != _component_key(digests[_SOURCE[name]], specs[name], options):
             log(f"{name}: dropped from the manifest, its config or weights changed; re-export it.")
             del entries[name]
 
     for name in names:
         spec = specs[name]
         module = spec.module(parts).eval()
-        key = _component_key(module, spec, options)
+        key = _component_key(digests[_SOURCE[name]], spec, options)
         path = out_dir / f"{name}.onnx"
         old = entries.get(name)
         if old is not None and old.get("sha256") == key and path.is_file():

@@ -32,11 +32,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("LDM_RT_CACHE") or Path.home() / ".cache" / "ldm-rt").expanduser()
 
 
-def cache_dir(components, dtype: str = "fp32") -> Path:
+def cache_dir(components, dtype: str = "fp32", digests: dict[str, str] | None = None) -> Path:
     """Where this model's graphs live: keyed by its configs and weights, the dtype and the exporter."""
     from ldm_rt.export.onnx_export import _versions, source_hash
 
-    key = hashlib.sha256(f"{source_hash(components)} {dtype} {sorted(_versions().items())}".encode()).hexdigest()
+    source = source_hash(components, digests)
+    key = hashlib.sha256(f"{source} {dtype} {sorted(_versions().items())}".encode()).hexdigest()
     return cache_root() / "onnx" / key[:24]
 
 
@@ -155,7 +156,7 @@ def providers_for(device: torch.device) -> list:
 
 
 def load(components, device: torch.device, precision: Precision) -> Runtime:
-    from ldm_rt.export.onnx_export import export_model
+    from ldm_rt.export.onnx_export import component_digests, export_model
     from ldm_rt.export.specs import COMPONENT_NAMES, component_specs
 
     if precision is not Precision.FP32:
@@ -164,8 +165,9 @@ def load(components, device: torch.device, precision: Precision) -> Runtime:
             "implemented yet); pass --dtype fp32."
         )
     providers = providers_for(device)
-    out = cache_dir(components, precision.value)
-    manifest = export_model(components, out, COMPONENT_NAMES, dtype=precision.value)
+    digests = component_digests(components)  # hash the weights once for the cache key and the export
+    out = cache_dir(components, precision.value, digests)
+    manifest = export_model(components, out, COMPONENT_NAMES, dtype=precision.value, digests=digests)
     specs = component_specs(components.config)
     graphs = {
         name: OrtComponent(out / manifest["components"][name]["file"], specs[name], device, providers)
