@@ -48,6 +48,19 @@ def layernorm_modulate(
     return modulate(layer_norm(x, eps), shift, scale)
 
 
+def gated_residual_layernorm_modulate(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated residual add of one sub-block and the adaLN step of the next, as one op.
+
+    x, y (B, N, D), gate/shift/scale (B, D). Returns (h, layernorm_modulate(h, shift, scale))
+    with h = x + gate * y. The reference of `ldm_rt.kernels.gated_residual_layernorm_modulate`.
+    """
+    h = x + gate[:, None, :] * y  # (B, N, D)
+    return h, layernorm_modulate(h, shift, scale, eps)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim with a learned scale; statistics in fp32."""
     xf = x.float()

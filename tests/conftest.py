@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. Triton reads this variable
+# when a kernel is defined (`@triton.jit`, at the import of kernels/<op>.py, which ldm_rt.kernels
+# defers to the first kernel call), so it must be set before any test runs a kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
