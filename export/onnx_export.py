@@ -13,11 +13,13 @@ the same key reuses the file (one line says so), a different key rebuilds it (on
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ldm_rt import __version__
+from ldm_rt import __version__, ops
 from ldm_rt.errors import InputError, LdmRtError, require
 from ldm_rt.export.specs import COMPONENT_NAMES, ComponentSpec, component_specs
 
@@ -36,7 +38,9 @@ MANIFEST_FORMAT = 1
 EXPORTER = "torch.onnx.export(dynamo=True)"
 # protobuf cannot serialise a message over 2 GiB; bigger graphs keep their weights in <file>.data.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
-SUPPORTED_DTYPES = ("fp32",)  # fp16/bf16 export: not yet (issue 6)
+SUPPORTED_DTYPES = ("fp32", "fp16", "bf16")
+# ONNX Conv takes bfloat16 only from opset 22 (Conv-22); below it a bf16 graph fails type checks.
+BF16_MIN_OPSET = 22
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ def component_digests(components) -> dict[str, str]:
     2.7 GB DiT-XL/2), so callers compute this once and pass it on."""
     digests = {}
     for name in ("text_encoder", "transformer", "vae"):
+        if getattr(components, name) is None:  # a class-conditional DiT has no text encoder
+            continue
         h = hashlib.sha256()
         _sha256_module(h, getattr(components, name))
         digests[name] = h.hexdigest()
@@ -135,6 +141,14 @@ def _quiet():
         logger.setLevel(level)
 
 
+def _module_in(spec: ComponentSpec, parts) -> nn.Module:
+    """The component's module in the spec's dtype; a cast works on a copy, never on `parts`."""
+    module = spec.module(parts).eval()
+    if any(p.dtype != spec.dtype for p in module.parameters() if p.is_floating_point()):
+        module = copy.deepcopy(module).to(spec.dtype)
+    return module
+
+
 def _check_out_dir(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,8 +156,11 @@ def _check_out_dir(out_dir: Path) -> None:
         raise InputError(f"cannot create output directory {out_dir}: {exc.strerror or exc}.") from None
     if not out_dir.is_dir():
         raise InputError(f"output path {out_dir} exists and is not a directory; give a directory to --out.")
-    if not os.access(out_dir, os.W_OK):
-        raise InputError(f"output directory {out_dir} is not writable; choose another --out.")
+    try:  # a real write, not os.access: root passes os.access on directories it still cannot write (/sys)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError:
+        raise InputError(f"output directory {out_dir} is not writable; choose another --out.") from None
 
 
 def check_static(config, static: StaticShape) -> tuple[int, int]:
@@ -201,7 +218,12 @@ def export_model(
     from ldm_rt.model_dir import load_model_dir
 
     if dtype not in SUPPORTED_DTYPES:
-        raise InputError(f"--dtype {dtype} export is not implemented yet; use --dtype fp32.")
+        raise InputError(f"--dtype {dtype} is not an export precision; use one of {', '.join(SUPPORTED_DTYPES)}.")
+    if dtype == "bf16":
+        if opset is not None and opset < BF16_MIN_OPSET:
+            raise InputError(f"--opset {opset} cannot hold a bf16 graph (ONNX Conv takes bfloat16 from opset "
+                             f"{BF16_MIN_OPSET}); use --opset {BF16_MIN_OPSET} or leave it out.")
+        opset = BF16_MIN_OPSET if opset is None else opset
     names = list(dict.fromkeys(components))
     unknown = [n for n in names if n not in COMPONENT_NAMES]
     if unknown or not names:
@@ -212,7 +234,12 @@ def export_model(
         else model_dir_or_components
     )
     out_dir = Path(out_dir).expanduser()
-    specs = component_specs(parts.config)
+    specs = component_specs(parts.config, dtype)
+    absent = [n for n in names if n not in specs]  # the text encoder of a class-conditional DiT
+    names = [n for n in names if n in specs]
+    if not names:
+        raise InputError(f"this model has no {', '.join(absent)} (a class-conditional DiT takes class labels, "
+                         "not text); export dit or vae.")
     if static is not None:
         latent_hw = check_static(parts.config, static)
     _check_out_dir(out_dir)
@@ -236,7 +263,7 @@ def export_model(
 
     for name in names:
         spec = specs[name]
-        module = spec.module(parts).eval()
+        module = _module_in(spec, parts)
         key = _component_key(digests[_SOURCE[name]], spec, options)
         path = out_dir / f"{name}.onnx"
         old = entries.get(name)
@@ -254,7 +281,10 @@ def export_model(
             # to 1 or to another dim's size by torch.export.
             p = specs["transformer"].multiple_of.get("height", 1)
             args = spec.sample_inputs(2, 3 * p, 2 * p)
-        with _quiet(), torch.no_grad():
+        # fp16/bf16: attention through the reference `ops.attention` (scores and softmax in fp32),
+        # not SDPA, whose exported softmax runs in the input dtype; norms are fp32 in the modules.
+        low = spec.dtype != torch.float32
+        with _quiet(), torch.no_grad(), ops.use(attention=ops.attention) if low else contextlib.nullcontext():
             try:
                 program = torch.onnx.export(
                     module, args, None, dynamo=True, input_names=spec.input_names,
@@ -270,7 +300,9 @@ def export_model(
         for stale in (path, data_path):
             stale.unlink(missing_ok=True)
         program.save(str(path), external_data=external)
-        onnx.checker.check_model(str(path))  # the path form: works for graphs with external data
+        # The path form works for graphs with external data; full_check adds strict type and shape
+        # inference, which catches ops the opset does not define for a dtype (bf16 Conv below opset 22).
+        onnx.checker.check_model(str(path), full_check=True)
         opset_used = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
                           if o.domain in ("", "ai.onnx"))
         entries[name] = {
@@ -295,6 +327,10 @@ def export_model(
         "opset": opset if opset is not None else max((e["opset"] for e in entries.values()), default=None),
         "static": None if static is None else static.__dict__,
         "source_sha256": source,
+        # Image geometry: TensorRT profiles (export/tensorrt.py) turn pixel sizes into latent sizes with it.
+        "image": {"vae_scale_factor": parts.config.vae.scale_factor,
+                  "patch_size": parts.config.transformer.patch_size,
+                  "sample_size": parts.config.transformer.sample_size},
         "sha256": hashlib.sha256(json.dumps(
             {n: e["sha256"] for n, e in sorted(entries.items())}).encode()).hexdigest(),
         "components": dict(sorted(entries.items())),

@@ -15,7 +15,7 @@ rows, so a dynamic axis would buy nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Union
 
 import torch
@@ -49,6 +49,7 @@ class ComponentSpec:
     sample: Callable[..., tuple[torch.Tensor, ...]]  # (batch, height, width, generator) -> inputs
     multiple_of: dict[str, int] = field(default_factory=dict)  # symbolic dim -> it must be k * this
     latent: bool = False  # takes latents: height/width are latent sizes and may be dynamic
+    dtype: torch.dtype = torch.float32  # of the exported weights (the module is cast to it)
 
     @property
     def input_names(self) -> list[str]:
@@ -59,8 +60,10 @@ class ComponentSpec:
         return [t.name for t in self.outputs]
 
     def sample_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        """Fresh seeded random inputs (never zeros) at latent size height x width."""
-        return self.sample(batch, height, width, torch.Generator("cpu").manual_seed(seed))
+        """Fresh seeded random inputs (never zeros) at latent size height x width, in the spec's
+        dtypes (drawn in fp32, then rounded: an fp16 graph and the fp32 reference see the same values)."""
+        xs = self.sample(batch, height, width, torch.Generator("cpu").manual_seed(seed))
+        return tuple(x.to(t.dtype) for t, x in zip(self.inputs, xs))
 
     def shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
         """Concrete input shapes for one batch/latent size (the shapes a TensorRT profile needs)."""
@@ -84,8 +87,41 @@ def _text_mask(batch: int, seq: int, generator: torch.Generator) -> torch.Tensor
     return torch.arange(seq)[None, :] < lengths[:, None]
 
 
-def component_specs(config) -> dict[str, ComponentSpec]:
-    """The export declarations for a `ModelConfig` (or `Components.config`)."""
+def component_specs(config, dtype: str = "fp32") -> dict[str, ComponentSpec]:
+    """The export declarations for a `ModelConfig` (or `Components.config`) in one precision.
+
+    fp16/bf16: weights and floating inputs/outputs in that dtype, except
+    - `timestep` stays fp32: fp16 spacing is 0.5 between 512 and 1024, and the timestep
+      embedding is computed in fp32 anyway (`models/dit.py`);
+    - the VAE decoder stays fp32 in fp16 when its config says `force_upcast`, as the torch
+      backend and diffusers decode (SD-VAE convolutions overflow fp16).
+    Norm statistics and softmax are fp32 inside every graph: the reference modules compute them
+    so (`ops.py`, `models/vae.py`), and the exporter keeps those casts.
+    """
+    from ldm_rt.precision import Precision
+
+    specs = _fp32_specs(config)
+    act = Precision.parse(dtype).dtype
+    if act == torch.float32:
+        return specs
+    vae_act = torch.float32 if act == torch.float16 and config.vae.force_upcast else act
+
+    def cast(spec: ComponentSpec, to: torch.dtype) -> ComponentSpec:
+        def tensors(ts):
+            return tuple(replace(t, dtype=to) if t.dtype == torch.float32 and t.name not in _FP32_ALWAYS else t
+                         for t in ts)
+
+        return replace(spec, inputs=tensors(spec.inputs), outputs=tensors(spec.outputs), dtype=to)
+
+    return {name: cast(spec, vae_act if name == "vae_decoder" else act) for name, spec in specs.items()}
+
+
+_FP32_ALWAYS = ("timestep",)  # inputs kept fp32 in every precision (see component_specs)
+
+
+def _fp32_specs(config) -> dict[str, ComponentSpec]:
+    if config.transformer.class_conditional:
+        return _class_conditional_specs(config)
     te, dit, vae = config.text_encoder, config.transformer, config.vae
     seq, p, f = te.max_position_embeddings, dit.patch_size, vae.scale_factor
 
@@ -104,9 +140,6 @@ def component_specs(config) -> dict[str, ComponentSpec]:
             _text_mask(batch, seq, g),
             torch.randn(batch, dit.pooled_dim, generator=g),
         )
-
-    def vae_sample(batch, height, width, g):
-        return (torch.randn(batch, vae.latent_channels, height, width, generator=g),)
 
     f32 = torch.float32
     return {
@@ -137,18 +170,67 @@ def component_specs(config) -> dict[str, ComponentSpec]:
             multiple_of={"height": p, "width": p},
             latent=True,
         ),
-        "vae_decoder": ComponentSpec(
-            name="vae_decoder",
-            parity_key="vae",
-            inputs=(TensorSpec("latents", f32, ("batch", vae.latent_channels, "height", "width")),),
-            outputs=(
-                TensorSpec("image", f32, ("batch", vae.out_channels, f"height*{f}", f"width*{f}")),
-            ),
-            module=lambda c: VAEDecoder(c.vae),
-            sample=vae_sample,
-            latent=True,
-        ),
+        "vae_decoder": _vae_decoder_spec(vae),
     }
+
+
+def _vae_decoder_spec(vae) -> ComponentSpec:
+    f, f32 = vae.scale_factor, torch.float32
+
+    def vae_sample(batch, height, width, g):
+        return (torch.randn(batch, vae.latent_channels, height, width, generator=g),)
+
+    return ComponentSpec(
+        name="vae_decoder",
+        parity_key="vae",
+        inputs=(TensorSpec("latents", f32, ("batch", vae.latent_channels, "height", "width")),),
+        outputs=(
+            TensorSpec("image", f32, ("batch", vae.out_channels, f"height*{f}", f"width*{f}")),
+        ),
+        module=lambda c: VAEDecoder(c.vae),
+        sample=vae_sample,
+        latent=True,
+    )
+
+
+class ClassConditionalDiT(nn.Module):
+    """A class-conditional DiT as a module with positional inputs (latents, timestep, class_labels)."""
+
+    def __init__(self, dit: nn.Module):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.dit(latents, timestep, class_labels=class_labels)
+
+
+def _class_conditional_specs(config) -> dict[str, ComponentSpec]:
+    """A class-conditional DiT (ImageNet DiT, issue 8): no text encoder; the transformer's
+    conditioning input is `class_labels` [batch] int64 (num_classes = the null class of CFG)."""
+    dit, f32 = config.transformer, torch.float32
+
+    def transformer_sample(batch, height, width, g):
+        return (
+            torch.randn(batch, dit.in_channels, height, width, generator=g),
+            torch.rand(batch, generator=g) * 1000,  # the scheduler's timestep range
+            torch.randint(0, dit.num_classes + 1, (batch,), generator=g),  # the null class included
+        )
+
+    transformer = ComponentSpec(
+        name="transformer",
+        parity_key="transformer",
+        inputs=(
+            TensorSpec("latents", f32, ("batch", dit.in_channels, "height", "width")),
+            TensorSpec("timestep", f32, ("batch",)),
+            TensorSpec("class_labels", torch.int64, ("batch",)),
+        ),
+        outputs=(TensorSpec("prediction", f32, ("batch", dit.output_channels, "height", "width")),),
+        module=lambda c: ClassConditionalDiT(c.transformer),
+        sample=transformer_sample,
+        multiple_of={"height": dit.patch_size, "width": dit.patch_size},
+        latent=True,
+    )
+    return {"transformer": transformer, "vae_decoder": _vae_decoder_spec(config.vae)}
 
 
 COMPONENT_NAMES = ("text_encoder", "transformer", "vae_decoder")

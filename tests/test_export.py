@@ -195,7 +195,7 @@ def test_onnxruntime_backend_rejects_other_dtypes_on_cpu(tiny_model_dir):
         (["--static", "--height", 10, "--width", 16], "--height 10"),
         (["--static", "--batch", 0], "--batch 0"),
         (["--height", 16], "only apply with --static"),
-        (["--dtype", "fp16"], "--dtype fp16"),
+        (["--dtype", "bf16", "--opset", 17], "--opset 17"),
     ],
 )
 def test_cli_export_bad_input_is_one_line(tiny_model_dir, tmp_path, args, message):

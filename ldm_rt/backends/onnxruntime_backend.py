@@ -25,6 +25,9 @@ from ldm_rt.backends import Runtime
 from ldm_rt.errors import InputError, ModelDirError
 from ldm_rt.precision import Precision
 
+# What the graphs run in: fp32 and fp16 (tests/test_parity_cmd.py runs both on the CPU provider).
+RUNNABLE = (Precision.FP32, Precision.FP16)
+
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
 
 
@@ -124,11 +127,13 @@ class _Transformer:
     def __init__(self, graph: OrtComponent):
         self.graph = graph
 
-    def __call__(self, latents, timestep, text_states, text_mask, pooled) -> torch.Tensor:
-        if text_mask is None:
-            text_mask = torch.ones(text_states.shape[:2], dtype=torch.bool, device=text_states.device)
+    def __call__(self, latents, timestep, text_states=None, text_mask=None, pooled=None, class_labels=None):
         if timestep.dim() == 0:
             timestep = timestep.expand(latents.shape[0])
+        if class_labels is not None:  # a class-conditional DiT's graph: (latents, timestep, class_labels)
+            return self.graph(latents, timestep, class_labels)[0]
+        if text_mask is None:
+            text_mask = torch.ones(text_states.shape[:2], dtype=torch.bool, device=text_states.device)
         return self.graph(latents, timestep, text_states, text_mask, pooled)[0]
 
 
@@ -155,31 +160,42 @@ def providers_for(device: torch.device) -> list:
     return ["CPUExecutionProvider"]
 
 
-def load(components, device: torch.device, precision: Precision) -> Runtime:
+def load(components, device: torch.device, precision: Precision, onnx_dir: str | Path | None = None) -> Runtime:
+    """The three graphs as backend callables: from `onnx_dir` when given (checked against the
+    model by `open_onnx_dir`), else exported on first use into the cache."""
+    from ldm_rt.export.onnx_dir import open_onnx_dir
     from ldm_rt.export.onnx_export import component_digests, export_model
     from ldm_rt.export.specs import COMPONENT_NAMES, component_specs
 
-    if precision is not Precision.FP32:
+    if precision not in RUNNABLE:
+        # onnxruntime 1.32's CPU provider has no bfloat16 kernels for Conv, Add, MatMul...: a bf16
+        # graph fails at session creation (NOT_IMPLEMENTED), so refuse it up front.
         raise InputError(
-            f"the onnxruntime backend runs fp32 graphs only for now ({precision.value} export is not "
-            "implemented yet); pass --dtype fp32."
+            f"the onnxruntime backend cannot run {precision.value} graphs (onnxruntime has no "
+            f"{precision.value} kernels for most of their ops); pass --dtype fp32 or fp16, or build a "
+            "TensorRT engine from a bf16 export."
         )
     providers = providers_for(device)
     digests = component_digests(components)  # hash the weights once for the cache key and the export
-    out = cache_dir(components, precision.value, digests)
-    manifest = export_model(components, out, COMPONENT_NAMES, dtype=precision.value, digests=digests)
-    specs = component_specs(components.config)
+    specs = component_specs(components.config, precision.value)
+    names = [n for n in COMPONENT_NAMES if n in specs]  # a class-conditional DiT has no text encoder
+    if onnx_dir is not None:
+        out = Path(onnx_dir).expanduser()
+        manifest = open_onnx_dir(out, components, precision.value, names, digests)
+    else:
+        out = cache_dir(components, precision.value, digests)
+        manifest = export_model(components, out, names, dtype=precision.value, digests=digests)
     graphs = {
         name: OrtComponent(out / manifest["components"][name]["file"], specs[name], device, providers)
-        for name in COMPONENT_NAMES
+        for name in names
     }
     chosen = graphs["transformer"].session.get_providers()
     import onnxruntime as ort
 
     print(f"onnxruntime {ort.__version__}: providers {', '.join(chosen)} | graphs in {out}", file=sys.stderr)
     return Runtime(
-        text_encoder=_TextEncoder(graphs["text_encoder"]),
+        text_encoder=_TextEncoder(graphs["text_encoder"]) if "text_encoder" in graphs else None,
         transformer=_Transformer(graphs["transformer"]),
         vae=_VAE(graphs["vae_decoder"]),
-        vae_dtype=torch.float32,
+        vae_dtype=specs["vae_decoder"].inputs[0].dtype,  # fp32 in fp16 when the VAE config forces an upcast
     )
