@@ -63,7 +63,9 @@ def output_paths(out: Path | None, seed: int, count: int) -> list[Path]:
 
 
 @main.command()
-@click.option("--prompt", required=True, multiple=True, help="Text prompt (repeat for a batch of prompts).")
+@click.option("--prompt", required=True, multiple=True,
+              help="Text prompt (repeat for a batch of prompts); for a class-conditional DiT an ImageNet class "
+                   "name or index, e.g. \"golden retriever\" or 207.")
 @click.option("--negative-prompt", default=None, help="What to steer away from (default: empty prompt).")
 @click.option("--model-dir", type=click.Path(path_type=Path), default=None,
               help="Model directory (diffusers layout). Default: the built-in demo model.")
@@ -79,9 +81,12 @@ def output_paths(out: Path | None, seed: int, count: int) -> list[Path]:
               help="PNG path (default ldm-rt-<seed>.png); several images are written as <stem>-<i>.png.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Default: fp16 on CUDA, fp32 on CPU.")
+@click.option("--guidance-channels", type=int, default=None,
+              help="Class-conditional DiT: latent channels CFG steers (default all, as diffusers' DiTPipeline; "
+                   "3 as facebookresearch/DiT sample.py).")
 def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, height, width, num_images, out,
-        device, dtype):
-    """Generate images from a text prompt."""
+        device, dtype, guidance_channels):
+    """Generate images from a text prompt (or ImageNet classes, for a class-conditional DiT)."""
     import time
 
     from ldm_rt.model_dir import default_model_dir
@@ -98,7 +103,7 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
     load_s = time.perf_counter() - start
     result = pipe.generate(prompts if len(prompts) > 1 else prompts[0], negative_prompt=negative_prompt,
                            steps=steps, guidance=guidance, seed=seed, height=height, width=width,
-                           num_images=num_images, progress=True)
+                           num_images=num_images, progress=True, guidance_channels=guidance_channels)
     for image, path in zip(result.images, paths):
         try:
             image.save(path)
@@ -166,6 +171,88 @@ def export_cmd(which, model_dir, out, dtype, opset, static, height, width, batch
                             size if width is None else width)
     export_model(components, out, EXPORT_MODELS[which], dtype=dtype, opset=opset, static=shape)
     click.echo(f"{out}: {', '.join(EXPORT_MODELS[which])} and manifest.json")
+
+
+@main.command("build-engine")
+@click.option("--onnx-dir", type=click.Path(path_type=Path), required=True,
+              help="Directory written by `ldm-rt export` (the .onnx files and manifest.json).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Directory for the engines (default: --onnx-dir).")
+@click.option("--fp16", is_flag=True, help="Let TensorRT pick fp16 kernels (BuilderFlag.FP16).")
+@click.option("--bf16", is_flag=True, help="Let TensorRT pick bf16 kernels (BuilderFlag.BF16).")
+@click.option("--strongly-typed", is_flag=True,
+              help="Keep the ONNX graph's own types (for an --dtype fp16/bf16 export).")
+@click.option("--min", "min_", default=None, help="Smallest shape, e.g. batch=1,height=256,width=256 (pixels).")
+@click.option("--opt", default=None, help="Shape TensorRT tunes for, e.g. batch=1,size=512.")
+@click.option("--max", "max_", default=None, help="Largest shape, e.g. batch=4,size=1024.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="Timing cache file: read if present, written after the build.")
+@click.option("--workspace", type=float, default=None, help="Workspace memory pool limit in GiB.")
+def build_engine_cmd(onnx_dir, out, fp16, bf16, strongly_typed, min_, opt, max_, timing_cache, workspace):
+    """Build one TensorRT engine per exported component; fresh engines are reused, stale ones rebuilt.
+
+    Shapes: key=value pairs, keys batch (images), height, width (pixels) and size (both sides).
+    The text encoder's and DiT's batch is doubled for classifier-free guidance.
+    """
+    from ldm_rt.export.tensorrt import build_engines
+
+    modes = [m for m, on in (("fp16", fp16), ("bf16", bf16), ("strongly-typed", strongly_typed)) if on]
+    if len(modes) > 1:
+        raise InputError(f"--{' and --'.join(modes)} exclude each other; pick one.")
+    engines = build_engines(onnx_dir, out, precision=modes[0] if modes else "fp32", min=min_, opt=opt, max=max_,
+                            timing_cache=timing_cache, workspace_gb=workspace)
+    for name, path in engines.items():
+        click.echo(f"{name}: {path}")
+
+
+@main.command("parity")
+@click.option("--model-dir", type=click.Path(path_type=Path), default=None,
+              help="Model directory (diffusers layout). Default: the built-in demo model.")
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), required=True, help="Backend to hold to the reference.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Default: fp16 on CUDA, fp32 on CPU.")
+@click.option("--device", default=None, help="cpu or cuda, for the backend (default: cuda when available).")
+@click.option("--onnx-dir", type=click.Path(path_type=Path), default=None,
+              help="Run this `ldm-rt export` directory's graphs instead of exporting into the cache.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs and the image.")
+@click.option("--steps", type=int, default=2, show_default=True, help="Denoising steps of the end-to-end image.")
+@click.pass_context
+def parity_cmd(ctx, model_dir, backend, dtype, device, onnx_dir, seed, steps):
+    """Compare a backend with the fp32 torch reference: per component, then the image (exit 1 on a failure)."""
+    from ldm_rt.parity_run import format_report, run_parity
+
+    report = run_parity(model_dir, backend, dtype=dtype, device=device, onnx_dir=onnx_dir, seed=seed, steps=steps)
+    for line in format_report(report):
+        click.echo(line)
+    if not report.passed:
+        ctx.exit(1)
+
+
+CONVERT_SOURCES = ["dit-original", "dit-diffusers"]
+
+
+@main.command("convert")
+@click.option("--from", "source", type=click.Choice(CONVERT_SOURCES), required=True,
+              help="dit-original: a facebookresearch/DiT .pt state dict; dit-diffusers: a DiTPipeline directory.")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--vae", type=click.Path(path_type=Path), default=None,
+              help="dit-original: a diffusers AutoencoderKL folder (config.json + safetensors), e.g. sd-vae-ft-ema.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="ldm-rt model directory to write.")
+@click.option("--num-heads", type=int, default=None,
+              help="dit-original: attention heads (default: the DiT paper's for the checkpoint's width).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it already holds a model directory.")
+def convert_cmd(source, src, vae, out, num_heads, overwrite):
+    """Write a standard ldm-rt model directory from a published DiT checkpoint."""
+    from ldm_rt.dit_checkpoints import convert_diffusers, convert_original
+
+    if source == "dit-original":
+        if vae is None:
+            raise InputError("--from dit-original needs --vae DIR: the checkpoint holds only the DiT.")
+        path = convert_original(src, vae, out, num_heads=num_heads, overwrite=overwrite)
+    else:
+        if vae is not None or num_heads is not None:
+            raise InputError("--vae and --num-heads apply to --from dit-original only.")
+        path = convert_diffusers(src, out, overwrite=overwrite)
+    click.echo(f"wrote {path} (from {source} {src})")
 
 
 @main.command()

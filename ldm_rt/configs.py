@@ -123,9 +123,22 @@ class TextEncoderConfig:
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """Text-conditioned DiT with adaLN-Zero, 2D axial RoPE and cross-attention.
+    """DiT with adaLN-Zero: text-conditioned with 2D axial RoPE and cross-attention by default.
 
     `sample_size` is the default latent side (image side / VAE factor).
+
+    The DiT family options (issue 8), so published checkpoints load onto the same modules:
+    - `num_classes`: class-label conditioning instead of text (an embedding table of
+      num_classes + 1 rows; row num_classes is the null class used for CFG), as DiT's LabelEmbedder;
+    - `cross_attention`: False drops the cross-attention sub-block (class models have no text);
+    - `pos_embed`: "rope" (2D axial RoPE in attention) or "sincos" (fixed 2D sin-cos absolute
+      embedding added to the patch tokens, facebookresearch/DiT and diffusers' PatchEmbed; at a
+      latent grid other than sample_size/patch the positions are scaled as diffusers does);
+    - learned sigma: out_channels = 2 * in_channels (the variance half is ignored at sampling);
+    - the conventions in which the original and diffusers layouts differ:
+      `timestep_freq_shift` (0: frequencies exp(-ln(1e4) i / half), original DiT; 1: / (half - 1),
+      diffusers' Timesteps(downscale_freq_shift=1)) and `mlp_norm_eps` (the LayerNorm before the
+      MLP: 1e-6 in the original, diffusers' norm_eps = 1e-5 in DiTTransformer2DModel).
     """
 
     sample_size: int = 32
@@ -143,17 +156,39 @@ class DiTConfig:
     rope_axes_dim: tuple[int, int] | None = None  # (rows, cols); None: head_dim split in half
     frequency_embedding_size: int = 256
     norm_eps: float = 1e-6
+    num_classes: int | None = None  # None: text conditioning; N: class labels 0..N-1, null class N
+    cross_attention: bool = True
+    pos_embed: str = "rope"  # "rope" | "sincos"
+    pos_embed_interpolation_scale: float = 1.0  # sincos only: diffusers' PatchEmbed interpolation_scale
+    timestep_freq_shift: int = 0  # 0: original DiT (divide by half); 1: diffusers (divide by half - 1)
+    mlp_norm_eps: float | None = None  # None: norm_eps
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        axes = self.axes_dim
-        if len(axes) != 2 or sum(axes) != self.head_dim or any(a % 2 for a in axes):
-            raise ValueError(
-                f"rope_axes_dim {axes} must be two even numbers summing to head_dim {self.head_dim}"
-            )
+        if self.pos_embed not in ("rope", "sincos"):
+            raise ValueError(f"pos_embed {self.pos_embed!r} is not one of rope, sincos")
+        if self.pos_embed == "rope":
+            axes = self.axes_dim
+            if len(axes) != 2 or sum(axes) != self.head_dim or any(a % 2 for a in axes):
+                raise ValueError(
+                    f"rope_axes_dim {axes} must be two even numbers summing to head_dim {self.head_dim}"
+                )
+        elif self.hidden_size % 4:
+            raise ValueError(f"sincos position embedding needs hidden_size divisible by 4, got {self.hidden_size}")
         if self.patch_size < 1 or self.depth < 1:
             raise ValueError("patch_size and depth must be >= 1")
+        if self.num_classes is not None:
+            if self.num_classes < 1:
+                raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+            if self.cross_attention:
+                raise ValueError("a class-conditional DiT (num_classes set) has no text: set cross_attention to false")
+        if self.timestep_freq_shift not in (0, 1):
+            raise ValueError(f"timestep_freq_shift must be 0 (original DiT) or 1 (diffusers), got {self.timestep_freq_shift}")
+        if self.output_channels not in (self.in_channels, 2 * self.in_channels):
+            raise ValueError(
+                f"out_channels {self.output_channels} must be in_channels {self.in_channels} or twice it (learned sigma)"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -171,6 +206,19 @@ class DiTConfig:
     @property
     def output_channels(self) -> int:
         return self.out_channels if self.out_channels is not None else self.in_channels
+
+    @property
+    def learn_sigma(self) -> bool:
+        """The model also predicts the variance (out_channels = 2 * in_channels), as DiT does."""
+        return self.output_channels == 2 * self.in_channels
+
+    @property
+    def class_conditional(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def mlp_eps(self) -> float:
+        return self.norm_eps if self.mlp_norm_eps is None else self.mlp_norm_eps
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DiTConfig:
@@ -245,9 +293,10 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One whole text-to-image model: what `init-model` writes for a preset."""
+    """One whole model: what `init-model` writes for a preset. A class-conditional DiT has no
+    text encoder (text_encoder is None)."""
 
-    text_encoder: TextEncoderConfig
+    text_encoder: TextEncoderConfig | None
     transformer: DiTConfig
     vae: VAEConfig
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(FLOW_SCHEDULER))
@@ -260,6 +309,14 @@ class ModelConfig:
 
 
 FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+# The published DiT checkpoints' sampler: diffusers' scripts/convert_dit_to_diffusers.py writes
+# DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon",
+# clip_sample=False); the rest are DDIMScheduler's defaults, spelled out.
+DIT_DDIM_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+    "beta_schedule": "linear", "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": True,
+    "steps_offset": 0, "timestep_spacing": "leading",
+}
 
 CLIP_L = TextEncoderConfig()  # 768 wide, 12 layers, 12 heads, 77 tokens
 SD_VAE = VAEConfig()  # factor 8, 4 latent channels, 0.18215
@@ -284,6 +341,24 @@ PRESETS: dict[str, ModelConfig] = {
         ),
     ),
 }
+# Class-conditional DiT (facebookresearch/DiT): ImageNet labels, sin-cos positions, learned sigma,
+# no text. The conventions are the original checkpoints' (timestep frequencies / half, eps 1e-6);
+# a diffusers DiTPipeline directory loads with its own (see ldm_rt/dit_checkpoints.py).
+_DIT_CLASS = dict(num_classes=1000, cross_attention=False, pos_embed="sincos", out_channels=8)
+PRESETS["tiny-class"] = ModelConfig(
+    text_encoder=None,
+    transformer=DiTConfig(sample_size=8, hidden_size=64, depth=2, num_heads=4, **_DIT_CLASS),
+    vae=PRESETS["tiny"].vae,
+    scheduler=dict(DIT_DDIM_SCHEDULER),
+)
+for _px in (256, 512):  # the published DiT-XL-2-256x256.pt and DiT-XL-2-512x512.pt
+    PRESETS[f"dit-xl-2-{_px}-class"] = ModelConfig(
+        text_encoder=None,
+        transformer=DiTConfig(sample_size=_px // SD_VAE.scale_factor, patch_size=2, hidden_size=1152, depth=28,
+                              num_heads=16, **_DIT_CLASS),
+        vae=SD_VAE,
+        scheduler=dict(DIT_DDIM_SCHEDULER),
+    )
 for _size, (_depth, _hidden, _heads) in _DIT_SIZES.items():
     for _patch in (2, 4, 8):
         PRESETS[f"dit-{_size}-{_patch}"] = ModelConfig(

@@ -37,10 +37,13 @@ COMPONENTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 
 @dataclass
 class Components:
-    """Everything a pipeline needs, as reference modules on the CPU in fp32."""
+    """Everything a pipeline needs, as reference modules on the CPU in fp32.
 
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    A class-conditional DiT (ImageNet DiT) has no text encoder and no tokenizer (both None).
+    """
+
+    text_encoder: CLIPTextModel | None
+    tokenizer: CLIPTokenizer | None
     transformer: DiT
     vae: AutoencoderKL
     scheduler_config: dict[str, Any]
@@ -48,9 +51,8 @@ class Components:
 
     @property
     def config(self) -> ModelConfig:
-        return ModelConfig(
-            self.text_encoder.config, self.transformer.config, self.vae.config, dict(self.scheduler_config)
-        )
+        te = None if self.text_encoder is None else self.text_encoder.config
+        return ModelConfig(te, self.transformer.config, self.vae.config, dict(self.scheduler_config))
 
 
 def _component_dir(root: Path, name: str) -> Path:
@@ -70,13 +72,19 @@ def load_model_dir(path: str | Path) -> Components:
             f"{root} is not a model directory (no model_index.json); create one with `ldm-rt init-model`."
         )
     index = read_json(root / "model_index.json", "model_index.json")
+    if index.get("_class_name") == "DiTPipeline":  # diffusers' class-conditional DiT, converted on load
+        from ldm_rt.dit_checkpoints import load_dit_pipeline_dir
 
-    te_dir = _component_dir(root, "text_encoder")
+        return load_dit_pipeline_dir(root, index)
+
     tr_dir = _component_dir(root, "transformer")
     vae_dir = _component_dir(root, "vae")
-    te_config = TextEncoderConfig.from_dict(read_json(te_dir / "config.json", "text_encoder config"))
     dit_config = DiTConfig.from_dict(read_json(tr_dir / "config.json", "transformer config"))
     vae_config = VAEConfig.from_dict(read_json(vae_dir / "config.json", "vae config"))
+    if dit_config.class_conditional:  # class labels, no text: no text_encoder/ or tokenizer/
+        return _load_class_model_dir(root, index, tr_dir, dit_config, vae_config)
+    te_dir = _component_dir(root, "text_encoder")
+    te_config = TextEncoderConfig.from_dict(read_json(te_dir / "config.json", "text_encoder config"))
     # Checked on the config files, before any weights are read: a config edited to a size that
     # does not fit the other components is reported as that (ModelDirError naming both values),
     # not as the weight-shape mismatch it also causes (which used to be raised first).
@@ -104,8 +112,31 @@ def load_model_dir(path: str | Path) -> Components:
     return Components(text_encoder, tokenizer, transformer, vae, scheduler_config, dict(index.get("_ldm_rt_defaults", {})))
 
 
-def check_compatible(te: TextEncoderConfig, dit: DiTConfig, vae: VAEConfig) -> None:
-    """The three components must agree on the shapes that pass between them."""
+def _load_class_model_dir(root: Path, index: dict, tr_dir: Path, dit_config: DiTConfig,
+                          vae_config: VAEConfig) -> Components:
+    check_compatible(None, dit_config, vae_config)
+    transformer = DiT(dit_config)
+    load_strict(transformer, read_safetensors(tr_dir / DIFFUSERS_WEIGHTS, "transformer"), "transformer")
+    vae = AutoencoderKL(vae_config)
+    load_strict(vae, read_safetensors(root / "vae" / DIFFUSERS_WEIGHTS, "vae"), "vae")
+    scheduler_config = read_json(_component_dir(root, "scheduler") / "scheduler_config.json", "scheduler config")
+    for module in (transformer, vae):
+        module.eval().requires_grad_(False)
+    return Components(None, None, transformer, vae, scheduler_config, dict(index.get("_ldm_rt_defaults", {})))
+
+
+def check_compatible(te: TextEncoderConfig | None, dit: DiTConfig, vae: VAEConfig) -> None:
+    """The components must agree on the shapes that pass between them (te None: a class model)."""
+    if te is None or dit.class_conditional:
+        problems = []
+        if te is not None or not dit.class_conditional:
+            problems.append("a class-conditional transformer (num_classes set) goes without a text encoder, "
+                            "a text-conditioned one needs one")
+        if dit.in_channels != vae.latent_channels:
+            problems.append(f"transformer in_channels {dit.in_channels} != vae latent_channels {vae.latent_channels}")
+        if problems:
+            raise ModelDirError("components do not fit together: " + "; ".join(problems) + ".")
+        return  # out_channels is in_channels or 2 x (learned sigma): DiTConfig checks it
     problems = []
     if dit.context_dim != te.hidden_size:
         problems.append(f"transformer context_dim {dit.context_dim} != text_encoder hidden_size {te.hidden_size}")
@@ -127,15 +158,17 @@ def check_compatible(te: TextEncoderConfig, dit: DiTConfig, vae: VAEConfig) -> N
 def save_model_dir(components: Components, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write `components` as a model directory; `load_model_dir` reads it back exactly."""
     root = Path(path).expanduser()
-    for name in COMPONENTS:
+    text = components.text_encoder is not None
+    for name in COMPONENTS if text else ("transformer", "vae", "scheduler"):
         (root / name).mkdir(parents=True, exist_ok=True)
 
     def tensors(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
         return {prefix + k: v.to(dtype) if v.is_floating_point() else v for k, v in module.state_dict().items()}
 
-    write_json(root / "text_encoder" / "config.json", components.text_encoder.config.to_dict())
-    write_safetensors(root / "text_encoder" / TEXT_ENCODER_WEIGHTS, tensors(components.text_encoder))
-    components.tokenizer.save(root / "tokenizer")
+    if text:
+        write_json(root / "text_encoder" / "config.json", components.text_encoder.config.to_dict())
+        write_safetensors(root / "text_encoder" / TEXT_ENCODER_WEIGHTS, tensors(components.text_encoder))
+        components.tokenizer.save(root / "tokenizer")
     write_json(root / "transformer" / "config.json", components.transformer.config.to_dict())
     write_safetensors(root / "transformer" / DIFFUSERS_WEIGHTS, tensors(components.transformer))
     write_json(root / "vae" / "config.json", components.vae.config.to_dict())
@@ -150,6 +183,8 @@ def save_model_dir(components: Components, path: str | Path, dtype: torch.dtype 
         "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", components.scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler")],
     }
+    if not text:  # a class-conditional DiT: ImageNet class names or indices instead of prompts
+        index["text_encoder"] = index["tokenizer"] = None
     if components.defaults:
         index["_ldm_rt_defaults"] = dict(components.defaults)
     write_json(root / "model_index.json", index)
@@ -179,6 +214,12 @@ def randomize_(module: nn.Module, generator: torch.Generator) -> None:
 def random_components(config: ModelConfig, seed: int = 0) -> Components:
     """Reference modules for `config` with seeded non-zero random weights and a byte-level tokenizer."""
     generator = torch.Generator("cpu").manual_seed(seed)
+    if config.text_encoder is None:  # class-conditional: no text encoder, no tokenizer
+        transformer, vae = DiT(config.transformer), AutoencoderKL(config.vae)
+        for module in (transformer, vae):
+            randomize_(module, generator)
+            module.eval().requires_grad_(False)
+        return Components(None, None, transformer, vae, dict(config.scheduler))
     text_encoder = CLIPTextModel(config.text_encoder)
     transformer = DiT(config.transformer)
     vae = AutoencoderKL(config.vae)
@@ -200,6 +241,17 @@ def init_model(
     An existing non-empty directory is refused, unless `overwrite` is set and it is a model
     directory (has model_index.json): then it is replaced.
     """
+    root = prepare_out_dir(path, overwrite)
+    components = random_components(ModelConfig.from_name(preset), seed)
+    return save_model_dir(components, root, dtype=dtype)
+
+
+DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
+
+
+def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """An output model directory: new or empty; an existing model directory only with `overwrite`
+    (then it is removed first); anything else is refused."""
     import shutil
 
     root = Path(path).expanduser()
@@ -209,13 +261,12 @@ def init_model(
         if not (root / "model_index.json").is_file():
             raise ModelDirError(f"{root} is not a model directory (no model_index.json); refusing to overwrite it.")
         shutil.rmtree(root)
-    components = random_components(ModelConfig.from_name(preset), seed)
-    return save_model_dir(components, root, dtype=dtype)
+    return root
 
 
 def default_model_dir() -> Path:
     """The built-in demo model shipped inside the package (`ldm_rt/demo/model`)."""
-    path = Path(__file__).parent / "demo" / "model"
+    path = DEMO_MODEL_DIR
     if not (path / "model_index.json").is_file():
         raise ModelDirError(
             "no --model-dir given and this install has no built-in demo model; create one with "

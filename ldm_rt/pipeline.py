@@ -6,11 +6,15 @@ Conventions follow diffusers so the same seed draws the same image:
 - CFG: `uncond + g * (cond - uncond)`, both halves in one batched DiT call ([uncond; cond]),
   no unconditional half when g <= 1;
 - images: `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
+
+A class-conditional DiT (ImageNet classes as prompts) samples as diffusers' `DiTPipeline` does:
+see `denoise_class`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -72,15 +76,16 @@ class Pipeline:
     `scheduler/scheduler_config.json`; a fresh pure scheduler is made from it for each call).
     """
 
-    def __init__(self, components, backend: str = "torch", device=None, dtype=None):
+    def __init__(self, components, backend: str = "torch", device=None, dtype=None, onnx_dir=None):
         self.device = resolve_device(device)
         self.precision = Precision.parse(dtype) or Precision.default_for(self.device)
-        if self.device.type == "cpu" and self.precision is Precision.FP16:
+        # torch's CPU fp16 kernels are incomplete; onnxruntime's CPU provider runs fp16 graphs.
+        if self.device.type == "cpu" and self.precision is Precision.FP16 and backend != "onnxruntime":
             raise InputError("fp16 is not supported on the CPU; use --dtype fp32 or bf16 there.")
         self.backend = backend
         self.config = components.config
         self.defaults = dict(components.defaults)
-        runtime = load_backend(backend, components, self.device, self.precision)
+        runtime = load_backend(backend, components, self.device, self.precision, onnx_dir=onnx_dir)
         self.text_encoder = runtime.text_encoder
         self.transformer = runtime.transformer
         self.vae = runtime.vae
@@ -118,10 +123,29 @@ class Pipeline:
 
     # -- stages ----------------------------------------------------------------------------------
 
+    def _warn_unknown_words(self, prompts: list[str]) -> None:
+        """A model trained on a closed caption vocabulary (the demo model's `_ldm_rt_defaults`
+        has `vocabulary`) warns about words outside it: they still tokenise (byte fallback), but
+        the model has never seen them, so the image will not show them."""
+        vocabulary = self.defaults.get("vocabulary")
+        if not vocabulary:
+            return
+        known = set(vocabulary)
+        for prompt in prompts:
+            unknown = sorted({w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in known})
+            if unknown:
+                shown = ", ".join(unknown[:8]) + (", ..." if len(unknown) > 8 else "")
+                warnings.warn(
+                    f"this model does not know the word(s) {shown} (its captions use {len(known)} words); "
+                    "the image will not show them",
+                    stacklevel=3,
+                )
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """prompts -> (text_states (B, M, D), text_mask (B, M) bool, pooled (B, D))."""
         tokens = self.tokenizer(prompts)
+        self._warn_unknown_words(prompts)
         for prompt, cut in zip(prompts, tokens.truncated):
             if cut:
                 warnings.warn(
@@ -183,15 +207,20 @@ class Pipeline:
         width: int | None = None,
         num_images: int = 1,
         progress: bool = False,
+        guidance_channels: int | None = None,
     ) -> GenerationResult:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        """Text models: prompts are text. Class-conditional models: prompts are ImageNet class names
+        or indices ("golden retriever", "207", 207), and `guidance_channels` picks how many latent
+        channels CFG steers (None: all, as diffusers' DiTPipeline; 3: the original DiT sample.py)."""
+        class_model = self.config.transformer.class_conditional
+        prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
         steps = self.defaults.get("steps", DEFAULT_STEPS) if steps is None else steps
         guidance = self.defaults.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance
         # `is None`, not `or`: an explicit 0 must reach latent_shape's check (InputError), not be
         # replaced silently by the default size (`--height 0` used to give a default-size image).
         height = self.defaults.get("height", self.default_size) if height is None else height
         width = self.defaults.get("width", self.default_size) if width is None else width
-        if not prompts or not all(isinstance(p, str) for p in prompts):
+        if not prompts or not all(isinstance(p, str) or (class_model and isinstance(p, int)) for p in prompts):
             raise InputError("prompt must be a string or a non-empty list of strings.")
         if int(steps) != steps or steps < 1:
             raise InputError(f"steps must be a whole number >= 1, got {steps}.")
@@ -199,6 +228,11 @@ class Pipeline:
             raise InputError(f"guidance must be >= 0, got {guidance}.")
         if num_images < 1:
             raise InputError(f"num_images must be >= 1, got {num_images}.")
+        if class_model:
+            return self._generate_class(prompts, negative_prompt, int(steps), float(guidance), seed, height, width,
+                                        num_images, guidance_channels, progress)
+        if guidance_channels is not None:
+            raise InputError("guidance_channels applies to class-conditional DiTs only.")
         negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list) else negative_prompt
         if len(negatives) != len(prompts):
             raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts.")
@@ -215,6 +249,67 @@ class Pipeline:
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
         with _stage("denoising", self.device, timings):
             latents = self.denoise(latents, states, mask, pooled, int(steps), float(guidance), progress)
+        with _stage("decoding", self.device, timings):
+            images = to_pil(self.decode(latents))
+        return GenerationResult(images=images, seed=seed, timings=timings)
+
+    # -- class-conditional DiT (ImageNet) ----------------------------------------------------------
+
+    @torch.no_grad()
+    def denoise_class(self, latents, labels, steps: int, guidance: float, guidance_channels: int | None = None,
+                      progress: bool = False):
+        """The sampling loop of diffusers' `DiTPipeline`, step for step. latents (B, C, h, w) fp32,
+        labels (B,) int64.
+
+        - CFG (guidance > 1): one DiT call on [latents; latents] with labels [cond; null], null =
+          num_classes; eps = uncond + g * (cond - uncond) on the first `guidance_channels` latent
+          channels (None: all C, diffusers; 3: facebookresearch/DiT sample.py), the cond half's own
+          prediction on the rest. DiTPipeline steps both halves and keeps the cond one; stepping
+          only the cond half is the same elementwise arithmetic.
+        - learned sigma: the variance half of the output (channels C..2C) is dropped.
+        - the scheduler (DDIM, epsilon) comes from scheduler_config.json.
+        """
+        from tqdm.auto import tqdm
+
+        dit = self.config.transformer
+        channels = dit.in_channels
+        k = channels if guidance_channels is None else guidance_channels
+        if not 1 <= k <= channels:
+            raise InputError(f"guidance_channels {k} must be between 1 and the {channels} latent channels.")
+        seq_len = (latents.shape[-2] // dit.patch_size) * (latents.shape[-1] // dit.patch_size)
+        scheduler = scheduler_from_config(self.scheduler, steps, image_seq_len=seq_len)
+        do_cfg = guidance > 1.0
+        labels = labels.to(self.device)
+        y = torch.cat([labels, torch.full_like(labels, dit.num_classes)]) if do_cfg else labels  # (B or 2B,)
+        dtype = self.precision.dtype
+        for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
+            model_in = torch.cat([latents, latents]) if do_cfg else latents
+            t = scheduler.timesteps[i].to(self.device).expand(model_in.shape[0])
+            out = self.transformer(model_in.to(dtype), t, class_labels=y).float()
+            eps = out[:, :channels]  # (B', C, h, w): drop the learned variance
+            if do_cfg:
+                cond, uncond = eps.chunk(2)
+                guided = uncond[:, :k] + guidance * (cond[:, :k] - uncond[:, :k])
+                eps = torch.cat([guided, cond[:, k:]], dim=1)
+            latents = scheduler.step(latents, eps, i)
+        check_finite(latents, "denoising", self.precision)
+        return latents
+
+    def _generate_class(self, prompts, negative_prompt, steps, guidance, seed, height, width, num_images,
+                        guidance_channels, progress) -> GenerationResult:
+        from ldm_rt.imagenet import class_index
+
+        if negative_prompt:
+            raise InputError("a class-conditional model takes no negative prompt: guidance steers away from the "
+                             "null class.")
+        dit = self.config.transformer
+        labels = torch.tensor([class_index(p, dit.num_classes) for p in prompts for _ in range(num_images)])
+        shape = self.latent_shape(len(labels), height, width)
+        timings: dict[str, float] = {"text_encoding": 0.0}  # no text: class labels index a table
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        with _stage("denoising", self.device, timings):
+            latents = self.denoise_class(latents, labels, steps, guidance, guidance_channels, progress)
         with _stage("decoding", self.device, timings):
             images = to_pil(self.decode(latents))
         return GenerationResult(images=images, seed=seed, timings=timings)

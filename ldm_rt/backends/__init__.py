@@ -35,9 +35,16 @@ class Runtime:
     vae_dtype: torch.dtype  # what decode() takes: fp32 when the VAE config forces an upcast
 
 
-def load_backend(name: str, components, device: torch.device, precision: Precision) -> Runtime:
+# Backends that run exported graphs and so can take a user's export (`onnx_dir`).
+ONNX_DIR_BACKENDS = ("onnxruntime",)
+
+
+def load_backend(name: str, components, device: torch.device, precision: Precision, onnx_dir=None) -> Runtime:
+    """`onnx_dir`: run this export directory's graphs instead of exporting into the cache."""
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    if onnx_dir is not None and name not in ONNX_DIR_BACKENDS:
+        raise InputError(f"--onnx-dir applies to --backend {' or '.join(ONNX_DIR_BACKENDS)}, not {name}.")
     dependency = BACKENDS[name]
     if dependency is not None:
         module, extra = dependency
@@ -49,5 +56,13 @@ def load_backend(name: str, components, device: torch.device, precision: Precisi
     if name == "onnxruntime":
         from ldm_rt.backends.onnxruntime_backend import load
 
-        return load(components, device, precision)
+        return load(components, device, precision, onnx_dir=onnx_dir)
+    if name == "triton":
+        from ldm_rt.backends.triton_backend import load
+
+        return load(components, device, precision)  # checks CUDA (or TRITON_INTERPRET=1 on the CPU)
+    if name == "tensorrt":
+        from ldm_rt.backends.tensorrt_backend import load
+
+        return load(components, device, precision)  # checks CUDA first, then exports and builds
     raise LdmRtError(f"the {name} backend is not available in this version of ldm-rt yet; use --backend torch.")

@@ -1,0 +1,247 @@
+"""Class-conditional DiT-XL/2: diffusers' DiTTransformer2DModel against ldm-rt, in one run (issue 8).
+
+Per image size (256/512 px) and dtype (fp16/bf16), at batch 2 (one image with CFG):
+
+- latency of one DiT call (the denoising step's model call), CUDA events, median and p90 over
+  --iters calls after --warmup, for
+  diffusers eager | diffusers torch.compile(mode="reduce-overhead") | ldm-rt torch backend |
+  ldm-rt triton backend (kernels + CUDA graphs; skipped with the reason when it cannot load);
+- images: diffusers' DiTPipeline and ldm-rt's Pipeline, 50 DDIM steps, the same weights, class
+  and seed; PSNR of each dtype's image against the other implementation and against diffusers fp32.
+
+Weights are seeded, non-zero random values at the exact DiT-XL/2 shapes (28 blocks, hidden 1152,
+16 heads of 72, learned sigma), per-block embedders tied as in the published checkpoints, so no
+download is needed; the SD-VAE-shaped decoder is random too (the images are noise, which is fine
+for parity). Writes <out>/dit_diffusers.json and prints a table.
+
+GPU:  python bench/dit_diffusers.py --out bench/results
+CPU smoke test (tiny config, seconds): python bench/dit_diffusers.py --tiny --device cpu --dtypes fp32 \\
+      --sizes 16 --iters 3 --warmup 1 --steps 2 --no-compile --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TINY_DIT = dict(num_attention_heads=4, attention_head_dim=18, num_layers=2)
+XL_DIT = dict(num_attention_heads=16, attention_head_dim=72, num_layers=28)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="directory for dit_diffusers.json")
+    p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (smoke test)")
+    p.add_argument("--dtypes", default="fp16,bf16", help="comma-separated: fp32, fp16, bf16")
+    p.add_argument("--sizes", default="256,512", help="image sides in pixels, comma-separated")
+    p.add_argument("--batch", type=int, default=2, help="DiT batch (2 = one image with CFG)")
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the image comparison (0: skip it)")
+    p.add_argument("--class-label", type=int, default=207)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backends", default="torch,triton", help="ldm-rt backends to time")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--tiny", action="store_true", help="a 2-block DiT and the tiny VAE (smoke test)")
+    return p.parse_args(argv)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+@torch.no_grad()
+def build(px: int, tiny: bool, seed: int):
+    """(diffusers DiT, diffusers VAE, ldm-rt Components), fp32 on the CPU, the same random weights."""
+    import diffusers
+
+    from ldm_rt.configs import DIT_DDIM_SCHEDULER, PRESETS, SD_VAE
+    from ldm_rt.dit_checkpoints import config_from_diffusers, from_diffusers
+    from ldm_rt.model_dir import Components, randomize_
+    from ldm_rt.models.dit import DiT
+    from ldm_rt.models.vae import AutoencoderKL
+
+    vae_config = PRESETS["tiny"].vae if tiny else SD_VAE
+    if px % (vae_config.scale_factor * 2):
+        raise SystemExit(f"--sizes {px}: must be a multiple of {vae_config.scale_factor * 2}")
+    hf = diffusers.DiTTransformer2DModel(
+        **(TINY_DIT if tiny else XL_DIT), in_channels=4, out_channels=8, patch_size=2,
+        sample_size=px // vae_config.scale_factor, num_embeds_ada_norm=1000,
+    ).eval()
+    g = torch.Generator().manual_seed(seed)
+    randomize_(hf, g)
+    first = hf.transformer_blocks[0].norm1.emb.state_dict()
+    for block in hf.transformer_blocks[1:]:  # tied, as diffusers' convert script writes them
+        block.norm1.emb.load_state_dict(first)
+    config = config_from_diffusers(dict(hf.config))
+    ours = DiT(config).eval()
+    ours.load_state_dict(from_diffusers(hf.state_dict(), config), strict=True)
+    ours_vae = AutoencoderKL(vae_config).eval()
+    randomize_(ours_vae, g)
+    hf_vae = diffusers.AutoencoderKL(**{k: v for k, v in vae_config.to_dict().items() if not k.startswith("_")})
+    hf_vae.load_state_dict(ours_vae.state_dict(), strict=True)
+    components = Components(None, None, ours, ours_vae, dict(DIT_DDIM_SCHEDULER), {})
+    return hf, hf_vae.eval(), components
+
+
+def time_calls(fn, device: torch.device, iters: int, warmup: int) -> dict:
+    """Per-call milliseconds: CUDA events around each call on CUDA, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+            "min_ms": times[0], "iters": iters}
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def bench_size(args, px: int, device: torch.device, results: list, images: list, errors: list) -> None:
+    import copy
+
+    import diffusers
+
+    from ldm_rt.backends import load_backend
+    from ldm_rt.pipeline import Pipeline
+    from ldm_rt.precision import Precision
+
+    hf, hf_vae, components = build(px, args.tiny, args.seed)
+    latent = hf.config.sample_size
+    g = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(args.batch, 4, latent, latent, generator=g)
+    t = torch.full((args.batch,), 500.0)
+    labels = torch.tensor([args.class_label, 1000] * (args.batch // 2) + [args.class_label] * (args.batch % 2))
+
+    def record(impl, dtype_name, stats):
+        row = {"px": px, "dtype": dtype_name, "impl": impl, "batch": args.batch, **stats}
+        results.append(row)
+        print(f"{px:>5} {dtype_name:>5} {impl:<32} median {stats['median_ms']:8.3f} ms  p90 {stats['p90_ms']:8.3f} ms",
+              flush=True)
+
+    for dtype_name in args.dtypes.split(","):
+        dtype = _dtype(dtype_name)
+        xd, td, yd = x.to(device, dtype), t.to(device), labels.to(device)
+        with torch.no_grad():
+            model = copy.deepcopy(hf).to(device, dtype)
+            record("diffusers eager", dtype_name,
+                   time_calls(lambda: model(xd, timestep=td, class_labels=yd), device, args.iters, args.warmup))
+            if not args.no_compile:
+                try:
+                    compiled = torch.compile(model, mode="reduce-overhead")
+                    record("diffusers compile reduce-overhead", dtype_name,
+                           time_calls(lambda: compiled(xd, timestep=td, class_labels=yd), device, args.iters,
+                                      args.warmup))
+                except Exception as exc:  # recorded, not fatal: the other rows still count
+                    errors.append({"px": px, "dtype": dtype_name, "impl": "diffusers compile", "error": repr(exc)})
+            del model
+            for backend in args.backends.split(","):
+                try:
+                    runtime = load_backend(backend, copy.deepcopy(components), device, Precision(dtype_name))
+                except Exception as exc:
+                    errors.append({"px": px, "dtype": dtype_name, "impl": f"ldm-rt {backend}", "error": str(exc)})
+                    print(f"{px:>5} {dtype_name:>5} ldm-rt {backend:<25} skipped: {exc}", flush=True)
+                    continue
+                fn = runtime.transformer
+                record(f"ldm-rt {backend}", dtype_name,
+                       time_calls(lambda: fn(xd, td, class_labels=yd), device, args.iters, args.warmup))
+                del runtime, fn
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if args.steps <= 0:
+        return
+    # Images: 50 DDIM steps, diffusers DiTPipeline vs ldm-rt Pipeline, same weights, class, seed.
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon",
+                                        clip_sample=False)
+
+    def diffusers_image(dtype_name):
+        pipe = diffusers.DiTPipeline(transformer=copy.deepcopy(hf), vae=copy.deepcopy(hf_vae), scheduler=scheduler)
+        pipe.to(device, _dtype(dtype_name))
+        out = pipe(class_labels=[args.class_label], guidance_scale=4.0, num_inference_steps=args.steps,
+                   generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np").images[0]
+        return (out * 255).round().astype(np.uint8)
+
+    reference = diffusers_image("fp32")
+    for dtype_name in args.dtypes.split(","):
+        theirs = reference if dtype_name == "fp32" else diffusers_image(dtype_name)
+        row = {"px": px, "dtype": dtype_name, "steps": args.steps,
+               "psnr_diffusers_vs_diffusers_fp32": _psnr(theirs, reference)}
+        for backend in args.backends.split(","):
+            try:
+                pipe = Pipeline(copy.deepcopy(components), backend=backend, device=device, dtype=dtype_name)
+                ours = np.asarray(pipe.generate(args.class_label, guidance=4.0, steps=args.steps,
+                                                seed=args.seed).images[0])
+            except Exception as exc:
+                errors.append({"px": px, "dtype": dtype_name, "impl": f"ldm-rt {backend} image", "error": str(exc)})
+                continue
+            row[f"psnr_{backend}_vs_diffusers"] = _psnr(ours, theirs)
+            row[f"psnr_{backend}_vs_diffusers_fp32"] = _psnr(ours, reference)
+        images.append(row)
+        print(f"{px:>5} {dtype_name:>5} PSNR " + ", ".join(f"{k[5:]} {v:.1f} dB" for k, v in row.items()
+                                                          if k.startswith("psnr_")), flush=True)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from ldm_rt.pipeline import resolve_device
+
+    device = resolve_device(args.device)
+    if device.type == "cpu" and "fp16" in args.dtypes.split(","):
+        raise SystemExit("fp16 does not run on the CPU; pass --dtypes fp32 (or bf16) with --device cpu.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    import diffusers
+
+    results, images, errors = [], [], []
+    for px in (int(s) for s in args.sizes.split(",")):
+        bench_size(args, px, device, results, images, errors)
+    speedups = []
+    for row in results:  # ours vs diffusers compiled (else eager), same size and dtype
+        if not row["impl"].startswith("ldm-rt"):
+            continue
+        for base in ("diffusers compile reduce-overhead", "diffusers eager"):
+            ref = next((r for r in results if r["impl"] == base and r["px"] == row["px"]
+                        and r["dtype"] == row["dtype"]), None)
+            if ref:
+                speedups.append({"px": row["px"], "dtype": row["dtype"], "impl": row["impl"], "vs": base,
+                                 "speedup": ref["median_ms"] / row["median_ms"]})
+    report = {
+        "benchmark": "bench/dit_diffusers.py", "argv": sys.argv[1:] if argv is None else list(argv),
+        "config": "tiny (2 blocks, 4 heads of 18)" if args.tiny else "DiT-XL/2 (28 blocks, 16 heads of 72)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "cuda": torch.version.cuda,
+                     "python": platform.python_version()},
+        "latency": results, "speedup": speedups, "images": images, "errors": errors,
+    }
+    path = args.out / "dit_diffusers.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    for s in speedups:
+        print(f"{s['px']:>5} {s['dtype']:>5} {s['impl']:<20} {s['speedup']:.2f}x vs {s['vs']}")
+    print(f"wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
