@@ -133,7 +133,10 @@ class DiTConfig:
     - `cross_attention`: False drops the cross-attention sub-block (class models have no text);
     - `pos_embed`: "rope" (2D axial RoPE in attention) or "sincos" (fixed 2D sin-cos absolute
       embedding added to the patch tokens, facebookresearch/DiT and diffusers' PatchEmbed; at a
-      latent grid other than sample_size/patch the positions are scaled as diffusers does);
+      latent grid other than sample_size/patch the positions are scaled as diffusers does), or
+      "rope+sincos", both (the demo model: RoPE alone is relative, and a small model trained
+      briefly did not learn where "on the left" is from the grid's edges: 6% position accuracy
+      after 2000 steps, against 83% colour);
     - learned sigma: out_channels = 2 * in_channels (the variance half is ignored at sampling);
     - the conventions in which the original and diffusers layouts differ:
       `timestep_freq_shift` (0: frequencies exp(-ln(1e4) i / half), original DiT; 1: / (half - 1),
@@ -158,7 +161,7 @@ class DiTConfig:
     norm_eps: float = 1e-6
     num_classes: int | None = None  # None: text conditioning; N: class labels 0..N-1, null class N
     cross_attention: bool = True
-    pos_embed: str = "rope"  # "rope" | "sincos"
+    pos_embed: str = "rope"  # "rope" | "sincos" | "rope+sincos"
     pos_embed_interpolation_scale: float = 1.0  # sincos only: diffusers' PatchEmbed interpolation_scale
     timestep_freq_shift: int = 0  # 0: original DiT (divide by half); 1: diffusers (divide by half - 1)
     mlp_norm_eps: float | None = None  # None: norm_eps
@@ -166,15 +169,15 @@ class DiTConfig:
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.pos_embed not in ("rope", "sincos"):
-            raise ValueError(f"pos_embed {self.pos_embed!r} is not one of rope, sincos")
-        if self.pos_embed == "rope":
+        if self.pos_embed not in ("rope", "sincos", "rope+sincos"):
+            raise ValueError(f"pos_embed {self.pos_embed!r} is not one of rope, sincos, rope+sincos")
+        if self.uses_rope:
             axes = self.axes_dim
             if len(axes) != 2 or sum(axes) != self.head_dim or any(a % 2 for a in axes):
                 raise ValueError(
                     f"rope_axes_dim {axes} must be two even numbers summing to head_dim {self.head_dim}"
                 )
-        elif self.hidden_size % 4:
+        if self.uses_sincos and self.hidden_size % 4:
             raise ValueError(f"sincos position embedding needs hidden_size divisible by 4, got {self.hidden_size}")
         if self.patch_size < 1 or self.depth < 1:
             raise ValueError("patch_size and depth must be >= 1")
@@ -189,6 +192,14 @@ class DiTConfig:
             raise ValueError(
                 f"out_channels {self.output_channels} must be in_channels {self.in_channels} or twice it (learned sigma)"
             )
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.pos_embed in ("rope", "rope+sincos")
+
+    @property
+    def uses_sincos(self) -> bool:
+        return self.pos_embed in ("sincos", "rope+sincos")
 
     @property
     def head_dim(self) -> int:

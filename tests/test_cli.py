@@ -178,11 +178,10 @@ def test_long_prompt_is_truncated_with_a_warning(tiny_model_dir, tmp_path):
     assert "warning: prompt truncated to 32 tokens" in result.output
 
 
-def test_no_model_dir_without_demo_model_says_what_to_do(monkeypatch):
+def test_no_model_dir_without_demo_model_says_what_to_do(monkeypatch, tmp_path):
     from ldm_rt import model_dir
 
-    if (model_dir.Path(model_dir.__file__).parent / "demo" / "model" / "model_index.json").is_file():
-        pytest.skip("this install ships the demo model")
+    monkeypatch.setattr(model_dir, "DEMO_MODEL_DIR", tmp_path / "missing")  # an install without it
     result = invoke("run", "--prompt", "x")
     assert result.exit_code == 1 and "ldm-rt init-model" in result.output
 

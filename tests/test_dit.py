@@ -119,3 +119,25 @@ def test_presets_have_the_paper_sizes():
     for name in ("dit-s-2", "dit-b-4", "dit-l-8", "dit-xl-4", "tiny"):
         assert name in PRESETS
     assert PRESETS["dit-s-8"].transformer.patch_size == 8
+
+
+def test_rope_plus_sincos_is_rope_with_the_sincos_table_added_to_the_tokens():
+    """pos_embed="rope+sincos" (the demo model) = the RoPE model fed tokens + sin-cos table."""
+    from dataclasses import replace
+
+    from ldm_rt.models.dit import sincos_pos_embed
+
+    both_cfg = replace(CONFIG, pos_embed="rope+sincos")
+    rope, both = _model(), DiT(both_cfg).eval()
+    both.load_state_dict(rope.state_dict())  # no new parameters: the table is fixed
+    inputs = _inputs(h=6, w=10)
+    embed = rope.x_embedder.forward
+    table = sincos_pos_embed(3, 5, CONFIG.hidden_size, CONFIG.sample_size // CONFIG.patch_size)  # (15, D)
+    rope.x_embedder.forward = lambda x: embed(x) + table[None]
+    expected = rope(*inputs)
+    out = both(*inputs)
+    assert torch.equal(out, expected)
+    rope.x_embedder.forward = embed
+    assert not torch.allclose(rope(*inputs), out)  # the table does change the output
+    with pytest.raises(ValueError, match="rope, sincos, rope\\+sincos"):
+        replace(CONFIG, pos_embed="learned")

@@ -322,3 +322,18 @@ def test_bf16_on_cpu_is_close_to_fp32(tiny_model_dir):
     db = psnr(torch.from_numpy(bf16), torch.from_numpy(fp32))
     assert db >= IMAGE_PSNR_DB["bf16"], f"bf16 vs fp32 image PSNR {db:.1f} dB < {IMAGE_PSNR_DB['bf16']} dB"
     assert not np.array_equal(bf16, fp32)  # bf16 really ran in bf16
+
+
+def test_closed_vocabulary_warns_about_unknown_words_and_still_draws(pipe, recwarn):
+    pipe.defaults = {**pipe.defaults, "vocabulary": ["a", "red", "circle"]}
+    pipe.generate(["a red circle", "", "a purple dragon " * 40], steps=2, height=H, width=W)
+    messages = [str(w.message) for w in recwarn.list]
+    unknown = [m for m in messages if "does not know" in m]
+    assert len(unknown) == 1 and "dragon, purple" in unknown[0], messages
+    assert any("truncated" in m for m in messages), messages
+
+
+def test_no_vocabulary_no_unknown_word_warning(pipe, recwarn):
+    assert "vocabulary" not in pipe.defaults
+    pipe.generate("zebra quokka", steps=1, height=H, width=W)
+    assert not [w for w in recwarn.list if "does not know" in str(w.message)]

@@ -299,7 +299,7 @@ class DiT(nn.Module):
         return ops.rope_freqs(h, w, self.config.axes_dim, self.config.rope_theta, device=device)
 
     def pos_embed(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        """Sin-cos table (h*w, D) fp32 for an h x w token grid (pos_embed="sincos" models)."""
+        """Sin-cos table (h*w, D) fp32 for an h x w token grid (pos_embed "sincos" / "rope+sincos")."""
         c = self.config
         return sincos_pos_embed(h, w, c.hidden_size, c.sample_size // c.patch_size,
                                 c.pos_embed_interpolation_scale, device=device)
@@ -338,10 +338,10 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         h, w = self.patchify_shape(latents.shape[-2], latents.shape[-1])
         x = self.x_embedder(latents)  # (B, N, D)
-        if self.config.pos_embed == "rope":
+        cos = sin = None
+        if self.config.uses_rope:
             cos, sin = self.rope(h, w, latents.device)
-        else:  # added in fp32, then cast, as diffusers' PatchEmbed: (latent + pos_embed).to(latent.dtype)
-            cos = sin = None
+        if self.config.uses_sincos:  # added in fp32, then cast, as diffusers' PatchEmbed
             x = (x + self.pos_embed(h, w, latents.device)[None]).to(x.dtype)
         if self.config.class_conditional:
             if class_labels is None:
