@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -93,25 +91,11 @@ def build(px: int, tiny: bool, seed: int):
 
 
 def time_calls(fn, device: torch.device, iters: int, warmup: int) -> dict:
-    """Per-call milliseconds: CUDA events around each call on CUDA, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
-            "min_ms": times[0], "iters": iters}
+    """Per-call milliseconds (median, p90, min): CUDA events on CUDA, perf_counter on the CPU; the
+    helper `ldm-rt bench` uses too (ldm_rt/bench.py)."""
+    from ldm_rt.bench import time_calls as shared
+
+    return shared(fn, device, iters, warmup)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:

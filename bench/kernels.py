@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -90,8 +89,9 @@ def measure(calls: list[Callable[[], object]], warmup: int, iters: int) -> dict[
         end.record()
         events.append((start, end))
     torch.cuda.synchronize()
-    ms = sorted(s.elapsed_time(e) / len(calls) for s, e in events)
-    return {"median_ms": statistics.median(ms), "p90_ms": ms[min(len(ms) - 1, math.ceil(0.9 * len(ms)) - 1)]}
+    from ldm_rt.bench import summarize  # the same median / p90 as `ldm-rt bench`
+
+    return summarize([s.elapsed_time(e) / len(calls) for s, e in events])
 
 
 def copies_for(bytes_per_call: int, min_calls: int = 8) -> int:

@@ -255,6 +255,57 @@ def convert_cmd(source, src, vae, out, num_heads, overwrite):
     click.echo(f"wrote {path} (from {source} {src})")
 
 
+class _RawArgsCommand(click.Command):
+    """Keeps the arguments as typed, so `bench` can record its exact command line."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["raw_args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+@main.command("bench", cls=_RawArgsCommand)
+@click.option("--model-dir", type=click.Path(path_type=Path), default=None,
+              help="Model directory (diffusers layout). Default: the built-in demo model.")
+@click.option("--preset", default=None, help="Benchmark a preset (e.g. dit-xl-2) with seeded random weights instead.")
+@click.option("--backends", default=None,
+              help="Comma-separated from torch, compile, triton, onnxruntime, tensorrt, diffusers (default: all).")
+@click.option("--resolutions", default=None, help="Image sides in pixels, e.g. 256,512 (default: the model's).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Images per call (CFG doubles the DiT batch).")
+@click.option("--dtype", default=None, help="Comma-separated fp32, fp16, bf16 (default: fp16,bf16 on CUDA, fp32 on CPU).")
+@click.option("--steps", type=int, default=None, help="Denoising steps of the loop stages (default: the model's, else 30).")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed calls after the first (one-time) call.")
+@click.option("--iters", type=int, default=20, show_default=True, help="Timed calls per stage.")
+@click.option("--loop-iters", type=int, default=None,
+              help="Timed calls of the denoising loop and end-to-end stages (default: min(iters, 5)).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for results.json and the chart.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--max-autotune", is_flag=True, help="Also time torch.compile(mode='max-autotune') (compile-max-autotune).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the preset's weights and the inputs.")
+@click.pass_context
+def bench_cmd(ctx, model_dir, preset, backends, resolutions, batch, dtype, steps, warmup, iters, loop_iters, out,
+              device, max_autotune, seed):
+    """Per-stage and end-to-end latency of each backend against torch eager, torch.compile and diffusers.
+
+    Writes results.json and latency.png into --out and prints a table. Unavailable backends are
+    listed as skipped with the reason.
+    """
+    import shlex
+
+    from ldm_rt.bench import bench, format_table
+
+    command = shlex.join(["ldm-rt", "bench", *ctx.meta.get("raw_args", [])])
+    results = bench(model_dir, preset, out, backends=backends, resolutions=resolutions, batch=batch, dtype=dtype,
+                    steps=steps, warmup=warmup, iters=iters, loop_iters=loop_iters, device=device,
+                    max_autotune=max_autotune, seed=seed, command=command)
+    for line in format_table(results):
+        click.echo(line)
+    click.echo(f"wrote {Path(results['out']) / 'results.json'}")
+    if results["chart"].startswith("no chart: "):
+        click.echo(f"warning: {results['chart'][len('no chart: '):]}", err=True)
+    else:
+        click.echo(f"wrote {results['chart']}")
+
+
 @main.command()
 def env():
     """Print what is available: torch and CUDA, GPU, triton, onnxruntime, tensorrt, polygraphy."""
