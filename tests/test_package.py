@@ -32,17 +32,24 @@ def test_wheel_has_no_top_level_kernels_or_export(wheel):
     assert "ldm_rt/export/__init__.py" in names
     assert "ldm_rt/models/dit.py" in names
     assert "ldm_rt/demo/shapes.py" in names
+    # the built-in demo model ships in the wheel; training checkpoints do not
+    for part in ("model_index.json", "transformer/diffusion_pytorch_model.safetensors", "vae/config.json",
+                 "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"):
+        assert f"ldm_rt/demo/model/{part}" in names, part
+    assert not [n for n in names if "checkpoints" in n]
 
 
 def test_wheel_installs_and_imports_the_namespaced_packages(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True)
-    code = "import ldm_rt, ldm_rt.kernels, ldm_rt.export; print(ldm_rt.kernels.__file__)"
+    code = ("import ldm_rt, ldm_rt.kernels, ldm_rt.export; from ldm_rt.model_dir import default_model_dir; "
+            "print(ldm_rt.kernels.__file__); print(default_model_dir())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().startswith(str(target)), proc.stdout
+    kernels_file, model_dir = proc.stdout.strip().splitlines()
+    assert kernels_file.startswith(str(target)) and model_dir.startswith(str(target)), proc.stdout
 
 
 def test_editable_install_maps_kernels_and_export():
