@@ -26,3 +26,13 @@ def tiny_model_dir(tmp_path_factory):
     from ldm_rt.model_dir import init_model
 
     return init_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (exports and onnxruntime runs of tiny models gain
+    nothing from threads, and OpenMP's spinning threads slow down when the 2 cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -34,14 +34,6 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def exported(tiny_model_dir, tmp_path_factory, one_thread):
     """`ldm-rt export --model all` into the onnxruntime backend's cache dir for the tiny model."""
     cache = tmp_path_factory.mktemp("ldm-rt-cache")

@@ -65,14 +65,6 @@ def one_error_line(result, message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def fp32_parity(tiny_model_dir, tmp_path_factory, one_thread):
     """`ldm-rt parity --backend onnxruntime` (fp32, CPU), exporting into a private cache."""
     cache = tmp_path_factory.mktemp("parity-cache")
