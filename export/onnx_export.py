@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from torch import nn
 from ldm_rt import __version__, ops
 from ldm_rt.errors import InputError, LdmRtError, require
 from ldm_rt.export.specs import COMPONENT_NAMES, ComponentSpec, component_specs
+from ldm_rt.model_dir import writable_dir
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -149,20 +149,6 @@ def _module_in(spec: ComponentSpec, parts) -> nn.Module:
     return module
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output directory {out_dir}: {exc.strerror or exc}.") from None
-    if not out_dir.is_dir():
-        raise InputError(f"output path {out_dir} exists and is not a directory; give a directory to --out.")
-    try:  # a real write, not os.access: root passes os.access on directories it still cannot write (/sys)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError:
-        raise InputError(f"output directory {out_dir} is not writable; choose another --out.") from None
-
-
 def check_static(config, static: StaticShape) -> tuple[int, int]:
     """Image size in pixels -> latent size, or an InputError naming the multiple it must be."""
     f = config.vae.scale_factor
@@ -242,7 +228,7 @@ def export_model(
                          "not text); export dit or vae.")
     if static is not None:
         latent_hw = check_static(parts.config, static)
-    _check_out_dir(out_dir)
+    writable_dir(out_dir)
 
     versions = _versions()
     digests = digests or component_digests(parts)

@@ -37,6 +37,7 @@ from typing import Callable, Mapping
 
 from ldm_rt import __version__
 from ldm_rt.errors import InputError, LdmRtError, MissingDependencyError, ModelDirError, require
+from ldm_rt.model_dir import writable_dir
 
 ENGINE_FORMAT = 1
 MANIFEST = "manifest.json"  # the name export/onnx_export.py writes
@@ -481,7 +482,7 @@ def build_engines(
                 raise ModelDirError(f"{onnx_dir / MANIFEST} lists {path.name}, which is missing; re-export into {onnx_dir}.")
         graphs[name] = (graph, data)
     system = system or current_system()
-    _check_out_dir(out_dir)
+    writable_dir(out_dir)
     build = builder or build_engine
 
     engines: dict[str, Path] = {}
@@ -510,15 +511,6 @@ def build_engines(
         write_metadata(engine, EngineMeta(**{**asdict(wanted), "engine_bytes": engine.stat().st_size}))
         engines[name] = engine
     return engines
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output directory {out_dir}: {exc.strerror or exc}.") from None
-    if not os.access(out_dir, os.W_OK):
-        raise InputError(f"output directory {out_dir} is not writable; choose another --out.")
 
 
 def build_engine(

@@ -38,7 +38,6 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -49,6 +48,7 @@ import torch
 
 from ldm_rt import __version__
 from ldm_rt.errors import InputError, LdmRtError, MissingDependencyError
+from ldm_rt.model_dir import writable_dir
 
 STAGES = ("text_encoder", "denoise_step", "denoise_loop", "vae_decode", "end_to_end")
 LONG_STAGES = ("denoise_loop", "end_to_end")
@@ -180,23 +180,6 @@ def check_counts(batch: int, steps: int, warmup: int, iters: int, loop_iters: in
                              ("--warmup", warmup, 0), ("--loop-iters", loop_iters, 1)):
         if value is not None and value < low:
             raise InputError(f"{name} must be >= {low}, got {value}.")
-
-
-def check_out_dir(out: Path) -> Path:
-    """Create `out` and prove it writable with a real write (root passes os.access on /sys)."""
-    out = Path(out).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output directory {out}: {exc.strerror or exc}; choose another --out.") from None
-    if not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a directory; give a directory.")
-    try:
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError:
-        raise InputError(f"output directory {out} is not writable; choose another --out.") from None
-    return out
 
 
 # ----------------------------------------------------------------------------------- environment
@@ -693,7 +676,7 @@ def bench(model_dir: Path | None, preset: str | None, out: Path, backends: str |
     names = parse_backends(backends, max_autotune)
     dev = resolve_device(device)
     dtypes = parse_dtypes(dtype, dev)
-    out = check_out_dir(out)
+    out = writable_dir(out)
     components, description = load_components(model_dir, preset, seed)
     px = parse_resolutions(resolutions, components.config)
     settings = BenchSettings(

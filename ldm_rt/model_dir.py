@@ -23,7 +23,7 @@ from torch import nn
 
 from ldm_rt import __version__
 from ldm_rt.configs import DiTConfig, ModelConfig, TextEncoderConfig, VAEConfig, read_json, write_json
-from ldm_rt.errors import ModelDirError
+from ldm_rt.errors import InputError, ModelDirError
 from ldm_rt.models.dit import DiT
 from ldm_rt.models.text_encoder import CLIPTextModel, load_text_encoder
 from ldm_rt.models.vae import AutoencoderKL
@@ -247,6 +247,26 @@ def init_model(
 
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
+
+
+def writable_dir(path: str | Path) -> Path:
+    """Create output directory `path` if needed and prove it writable with a real write, not
+    os.access (root passes os.access on directories it still cannot write, such as /sys)."""
+    import tempfile
+
+    out_dir = Path(path).expanduser()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output directory {out_dir}: {exc.strerror or exc}.") from None
+    if not out_dir.is_dir():
+        raise InputError(f"output path {out_dir} exists and is not a directory; give a directory to --out.")
+    try:
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError:
+        raise InputError(f"output directory {out_dir} is not writable; choose another --out.") from None
+    return out_dir
 
 
 def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
