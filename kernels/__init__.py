@@ -67,7 +67,7 @@ def _(x, shift, scale, eps):
 
 @torch.library.custom_op("ldm_rt::gated_residual_layernorm_modulate", mutates_args=())
 def _gated_residual_layernorm_modulate(
-    x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
+    x: Tensor, y: Tensor, gate: Tensor | None, shift: Tensor, scale: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
     _check_device(x)
     return _kernel_module("adaln").gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps)
@@ -120,12 +120,13 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
 
 
 def gated_residual_layernorm_modulate(
-    x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6
+    x: Tensor, y: Tensor, gate: Tensor | None, shift: Tensor, scale: Tensor, eps: float = 1e-6
 ) -> tuple[Tensor, Tensor]:
     """(h, LayerNorm(h) * (1 + scale) + shift) with h = x + gate * y, in one pass over memory;
     reference `ops.gated_residual_layernorm_modulate`.
 
-    x, y (B, N, D) and gate/shift/scale (B, D), any strides. Returns two contiguous (B, N, D)
+    x, y (B, N, D) and gate/shift/scale (B, D), any strides; gate None: h = x + y (an ungated
+    residual, as the cross-attention's). Returns two contiguous (B, N, D)
     tensors in x's dtype; h is computed in fp32 and rounded once, and the norm is taken of the
     rounded h that is returned.
     """

@@ -34,7 +34,7 @@ def _adaln_kernel(
     N, D, eps,
     sxb, sxn, sxd, syb, syn, syd,
     sgb, sgd, shb, shd, scb, scd,
-    GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GATED: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -50,8 +50,10 @@ def _adaln_kernel(
     out_offs = (b * N + rows64[:, None]) * D + cols[None, :]
     if GATED:
         y = tl.load(y_ptr + b * syb + rows64[:, None] * syn + cols[None, :] * syd, mask=ok, other=0.0).to(tl.float32)
-        gate = tl.load(gate_ptr + b * sgb + cols * sgd, mask=col_ok, other=0.0).to(tl.float32)
-        h = (x + gate[None, :] * y).to(h_ptr.dtype.element_ty)  # one rounding, in fp32 before it
+        if HAS_GATE:
+            gate = tl.load(gate_ptr + b * sgb + cols * sgd, mask=col_ok, other=0.0).to(tl.float32)
+            y = gate[None, :] * y
+        h = (x + y).to(h_ptr.dtype.element_ty)  # one rounding, in fp32 before it
         tl.store(h_ptr + out_offs, h, mask=ok)
         x = h.to(tl.float32)  # normalise the h that is returned, as rounded
 
@@ -103,7 +105,7 @@ def _launch(x, y, gate, shift, scale, eps, h, out) -> None:
         N, D, eps,
         *x.stride(), *y_.stride(),
         *gate_.stride(), *shift.stride(), *scale.stride(),
-        GATED=y is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        GATED=y is not None, HAS_GATE=gate is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
     )
 
 
@@ -116,10 +118,13 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 
 
 def gated_residual_layernorm_modulate(
-    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor,
+    eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher: x, y (B, N, D), gate/shift/scale (B, D), any strides -> (h, out), contiguous, x's dtype."""
-    _check(x, dict(gate=gate, shift=shift, scale=scale), y)
+    """Launcher: x, y (B, N, D), gate (B, D) or None (h = x + y), shift/scale (B, D), any strides
+    -> (h, out), contiguous, x's dtype."""
+    vectors = dict(shift=shift, scale=scale) | ({} if gate is None else dict(gate=gate))
+    _check(x, vectors, y)
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(x, y, gate, shift, scale, eps, h, out)

@@ -49,15 +49,16 @@ def layernorm_modulate(
 
 
 def gated_residual_layernorm_modulate(
-    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated residual add of one sub-block and the adaLN step of the next, as one op.
 
-    x, y (B, N, D), gate/shift/scale (B, D). Returns (h, layernorm_modulate(h, shift, scale))
-    with h = x + gate * y. The reference of `ldm_rt.kernels.gated_residual_layernorm_modulate`.
+    x, y (B, N, D), gate/shift/scale (B, D); gate None is an ungated residual (the
+    cross-attention's). Returns (h, layernorm_modulate(h, shift, scale)) with h = x + gate * y.
+    The reference of `ldm_rt.kernels.gated_residual_layernorm_modulate`.
     """
-    h = x + gate[:, None, :] * y  # (B, N, D)
+    h = x + y if gate is None else x + gate[:, None, :] * y  # (B, N, D)
     return h, layernorm_modulate(h, shift, scale, eps)
 
 
@@ -159,6 +160,7 @@ _REFERENCE: dict[str, Callable] = {
     "attention": sdpa_attention,
     "apply_rope": apply_rope,
     "layernorm_modulate": layernorm_modulate,
+    "gated_residual_layernorm_modulate": gated_residual_layernorm_modulate,
 }
 _active: dict[str, Callable] = dict(_REFERENCE)
 

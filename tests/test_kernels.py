@@ -58,14 +58,19 @@ def test_layernorm_modulate_matches_reference(n, d, dtype):
     check(out, ops.layernorm_modulate(x.float(), shift.float(), scale.float(), 1e-6), dtype)
 
 
-@pytest.mark.parametrize("n,d,dtype", [
-    (1, 72, FP16), (77, 128, FP32), (100, 64, FP16), (257, 1152, FP32), (3, 8192, FP16), gpu(100, 1152, BF16),
+@pytest.mark.parametrize("n,d,dtype,gated", [
+    (1, 72, FP16, True), (77, 128, FP32, True), (100, 64, FP16, True), (257, 1152, FP32, True),
+    (3, 8192, FP16, True), (77, 72, FP16, False), (100, 1152, FP32, False), gpu(100, 1152, BF16, True),
+    gpu(257, 1152, BF16, False),
 ])
-def test_gated_residual_layernorm_modulate_matches_reference(n, d, dtype):
+def test_gated_residual_layernorm_modulate_matches_reference(n, d, dtype, gated):
+    """gated=False: gate None, the ungated residual of the cross-attention (h = x + y)."""
     x, y = randn(3, n, d, seed=0, dtype=dtype), randn(3, n, d, seed=1, dtype=dtype)
     gate, shift, scale = (randn(3, d, seed=s, dtype=dtype) for s in (2, 3, 4))
+    gate = gate if gated else None
     h, out = kernels.gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps=1e-5)
-    h_ref, out_ref = ops.gated_residual_layernorm_modulate(*(t.float() for t in (x, y, gate, shift, scale)), eps=1e-5)
+    h_ref, out_ref = ops.gated_residual_layernorm_modulate(
+        x.float(), y.float(), None if gate is None else gate.float(), shift.float(), scale.float(), eps=1e-5)
     check(h, h_ref, dtype)
     check(out, out_ref, dtype)
 
@@ -220,6 +225,7 @@ def test_kernels_are_torch_custom_ops():
     }
     for name, args in cases.items():
         torch.library.opcheck(getattr(torch.ops.ldm_rt, name).default, args)
+    torch.library.opcheck(torch.ops.ldm_rt.gated_residual_layernorm_modulate.default, (x, x * 2, None, s, s * 3, 1e-6))
     q5 = randn(2, 2, 5, 16, seed=5)
     torch.library.opcheck(torch.ops.ldm_rt.attention.default, (q5, q5 * 2, q5 * 3, None, table, table * 2, None))
 

@@ -217,12 +217,15 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c, context, context_mask, cos, sin) -> torch.Tensor:
         msa, mlp = self.modulation(c)
-        layernorm_modulate = ops.impl("layernorm_modulate")
-        x = x + msa.gate[:, None] * self.attn(layernorm_modulate(x, msa.shift, msa.scale, self.eps), cos, sin)
+        y = self.attn(ops.impl("layernorm_modulate")(x, msa.shift, msa.scale, self.eps), cos, sin)
+        gate = msa.gate
         if self.cross_attn is not None:
-            x = x + self.cross_attn(ops.layer_norm(x, self.norm2.eps, self.norm2.weight, self.norm2.bias), context, context_mask)
-        x = x + mlp.gate[:, None] * self.mlp(layernorm_modulate(x, mlp.shift, mlp.scale, self.mlp_eps))
-        return x
+            x = x + gate[:, None] * y
+            y = self.cross_attn(ops.layer_norm(x, self.norm2.eps, self.norm2.weight, self.norm2.bias), context, context_mask)
+            gate = None  # the cross-attention residual has no gate
+        # x + gate * y, then the MLP's adaLN of that sum: one swap point, so a backend fuses the two
+        x, x_mod = ops.impl("gated_residual_layernorm_modulate")(x, y, gate, mlp.shift, mlp.scale, self.mlp_eps)
+        return x + mlp.gate[:, None] * self.mlp(x_mod)
 
 
 class FinalLayer(nn.Module):
