@@ -5,7 +5,7 @@ One *run* is (backend, dtype, resolution). Per run, five stages are timed:
 | stage | what is called | batch |
 | --- | --- | --- |
 | `text_encoder` | the text encoder on token ids (tokenization not timed) | 2 x images (CFG) |
-| `denoise_step` | one DiT call, conditional and unconditional halves batched | 2 x images (CFG) |
+| `denoise_step` | one whole CFG step: the DiT on both halves batched, guidance, scheduler update | 2 x images (CFG) |
 | `denoise_loop` | `Pipeline.denoise` / `denoise_class`: `--steps` DiT calls + scheduler | images |
 | `vae_decode` | `Pipeline.decode` (scaling + VAE decoder) | images |
 | `end_to_end` | `Pipeline.generate`: tokenize, encode, denoise, decode, to PIL | images |
@@ -378,20 +378,20 @@ def stage_calls(pipe, px: int, settings: BenchSettings) -> dict[str, Callable[[]
     """stage -> a zero-argument call, or the reason the stage does not apply."""
     from ldm_rt.schedulers import scheduler_from_config
 
-    b, dtype, device = settings.batch, pipe.precision.dtype, pipe.device
+    b, device = settings.batch, pipe.device
     dit = pipe.config.transformer
     g = torch.Generator("cpu").manual_seed(settings.seed)
     latents = torch.randn(pipe.latent_shape(b, px, px), generator=g).to(device)  # (B, C, h, w) fp32
     seq_len = (latents.shape[-2] // dit.patch_size) * (latents.shape[-1] // dit.patch_size)
-    t = scheduler_from_config(pipe.scheduler, settings.steps, image_seq_len=seq_len).timesteps[0]
-    t = t.to(device).expand(2 * b)  # (2B,)
-    x = torch.cat([latents, latents]).to(dtype)  # (2B, C, h, w): [uncond; cond]
+    # denoise_step: step 0 of the pipeline's loop, through the backend's run_step (a CUDA graph on triton)
+    scheduler = scheduler_from_config(pipe.scheduler, settings.steps, image_seq_len=seq_len)
     calls: dict[str, Callable[[], object] | str] = {}
     if dit.class_conditional:
         labels = torch.arange(b) % dit.num_classes  # (B,)
         y = torch.cat([labels, torch.full_like(labels, dit.num_classes)]).to(device)  # (2B,) [cond; null]
         calls["text_encoder"] = NO_TEXT_ENCODER
-        step = lambda: pipe.transformer(x, t, class_labels=y)  # noqa: E731
+        class_step = pipe.class_step(scheduler, GUIDANCE, dit.in_channels) if pipe.transformer is not None else None
+        step = lambda: class_step(latents, 0, y)  # noqa: E731
         loop = lambda: pipe.denoise_class(latents, labels, settings.steps, GUIDANCE)  # noqa: E731
         e2e = lambda: pipe.generate([int(v) for v in labels], steps=settings.steps, guidance=GUIDANCE,  # noqa: E731
                                     height=px, width=px, seed=settings.seed)
@@ -403,7 +403,8 @@ def stage_calls(pipe, px: int, settings: BenchSettings) -> dict[str, Callable[[]
         ids = tokens.input_ids.to(device)  # (2B, M)
         states, mask, pooled = pipe.encode_prompt([""] * b + prompts)  # (2B, M, D), (2B, M), (2B, D)
         calls["text_encoder"] = lambda: pipe.text_encoder(ids)
-        step = lambda: pipe.transformer(x, t, states, mask, pooled)  # noqa: E731
+        text_step = pipe.text_step(scheduler, GUIDANCE) if pipe.transformer is not None else None
+        step = lambda: text_step(latents, 0, states, mask, pooled)  # noqa: E731
         loop = lambda: pipe.denoise(latents, states, mask, pooled, settings.steps, GUIDANCE)  # noqa: E731
         e2e = lambda: pipe.generate(prompts, steps=settings.steps, guidance=GUIDANCE, height=px, width=px,  # noqa: E731
                                     seed=settings.seed)
@@ -554,7 +555,7 @@ def results_dict(runs: list[Run], settings: BenchSettings, device: torch.device,
                      "baseline": BASELINE},
         "stages": {
             "text_encoder": "text encoder on token ids, batch 2 x images (CFG)",
-            "denoise_step": "one DiT call, conditional and unconditional halves batched (2 x images)",
+            "denoise_step": "one whole CFG step: the DiT on [uncond; cond] batched (2 x images), guidance, scheduler update",
             "denoise_loop": "the full denoising loop (steps DiT calls + scheduler), loop_iters timed calls",
             "vae_decode": "latent scaling + VAE decoder, batch = images",
             "end_to_end": "Pipeline.generate: tokenize, encode, denoise, decode, to PIL; loop_iters timed calls",

@@ -14,6 +14,7 @@ see `denoise_class`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import time
 import warnings
@@ -31,6 +32,41 @@ from ldm_rt.schedulers import scheduler_from_config
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 4.0
+
+
+# ------------------------------------------------------------------------------ one denoising step
+# Pure tensor functions with no host sync, handed to the backend's `run_step` so the triton
+# backend can capture a whole step (DiT, CFG, scheduler update) in one CUDA graph. Everything
+# not a tensor is bound before (functools.partial) and named in the step's cache key.
+
+
+def text_cfg_step(transformer, update, latents, t, coefficients, guidance, text_states, text_mask, pooled, *,
+                  do_cfg: bool, dtype: torch.dtype) -> torch.Tensor:
+    """latents (B, C, h, w) fp32 -> the latents after one step. t (B',) is the step's timestep,
+    `coefficients` the scheduler's for the step, guidance a 0-d fp32 tensor; with CFG the text
+    inputs are [uncond; cond] (B' = 2B) and the DiT runs once on [latents; latents]."""
+    model_in = torch.cat([latents, latents]) if do_cfg else latents
+    out = transformer(model_in.to(dtype), t, text_states, text_mask, pooled).float()
+    if do_cfg:
+        uncond, cond = out.chunk(2)
+        out = uncond + guidance * (cond - uncond)
+    return update(latents, out, coefficients)
+
+
+def class_cfg_step(transformer, update, latents, t, coefficients, guidance, labels, *, do_cfg: bool,
+                   dtype: torch.dtype, channels: int, guided_channels: int) -> torch.Tensor:
+    """`text_cfg_step` for a class-conditional DiT (see `Pipeline.denoise_class`): labels are
+    [cond; null] with CFG; the learned-variance half of the output is dropped, and guidance
+    steers the first `guided_channels` latent channels."""
+    model_in = torch.cat([latents, latents]) if do_cfg else latents
+    out = transformer(model_in.to(dtype), t, class_labels=labels).float()
+    eps = out[:, :channels]  # (B', C, h, w): drop the learned variance
+    if do_cfg:
+        k = guided_channels
+        cond, uncond = eps.chunk(2)
+        guided = uncond[:, :k] + guidance * (cond[:, :k] - uncond[:, :k])
+        eps = torch.cat([guided, cond[:, k:]], dim=1)
+    return update(latents, eps, coefficients)
 
 
 @dataclass
@@ -90,6 +126,7 @@ class Pipeline:
         self.transformer = runtime.transformer
         self.vae = runtime.vae
         self.vae_dtype = runtime.vae_dtype
+        self.run_step = runtime.run_step
         self.tokenizer = components.tokenizer
         self.scheduler = dict(components.scheduler_config)
 
@@ -170,18 +207,41 @@ class Pipeline:
             latents.shape[-1] // self.config.transformer.patch_size
         )
         scheduler = scheduler_from_config(self.scheduler, steps, image_seq_len=seq_len)
-        do_cfg = guidance > 1.0
-        dtype = self.precision.dtype
+        step = self.text_step(scheduler, guidance)
         for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
-            model_in = torch.cat([latents, latents]) if do_cfg else latents
-            t = scheduler.timesteps[i].to(self.device).expand(model_in.shape[0])
-            out = self.transformer(model_in.to(dtype), t, text_states, text_mask, pooled).float()
-            if do_cfg:
-                uncond, cond = out.chunk(2)
-                out = uncond + guidance * (cond - uncond)
-            latents = scheduler.step(latents, out, i)
+            latents = step(latents, i, text_states, text_mask, pooled)
         check_finite(latents, "denoising", self.precision)
         return latents
+
+    def text_step(self, scheduler, guidance: float):
+        """step(latents, i, text_states, text_mask, pooled) -> the latents after step i of
+        `scheduler`: `text_cfg_step` run through the backend's `run_step`."""
+        static = dict(do_cfg=guidance > 1.0, dtype=self.precision.dtype)
+        fn = functools.partial(text_cfg_step, self.transformer, scheduler.update, **static)
+        return self._stepper("text", fn, static, scheduler, guidance)
+
+    def class_step(self, scheduler, guidance: float, guided_channels: int):
+        """step(latents, i, labels) -> the latents after step i: `class_cfg_step` through `run_step`."""
+        static = dict(do_cfg=guidance > 1.0, dtype=self.precision.dtype,
+                      channels=self.config.transformer.in_channels, guided_channels=guided_channels)
+        fn = functools.partial(class_cfg_step, self.transformer, scheduler.update, **static)
+        return self._stepper("class", fn, static, scheduler, guidance)
+
+    def _stepper(self, kind: str, fn, static: dict, scheduler, guidance: float):
+        # The key names all that `fn` holds besides its tensor arguments: the step kind, the
+        # transformer (bench swaps it), the scheduler's update and the static settings.
+        key = (kind, id(self.transformer), scheduler.update_key, tuple(static.items()))
+        # The schedule moves to the device once, not once per step
+        timesteps = scheduler.timesteps.to(self.device)  # (steps,)
+        coefficients = torch.stack([scheduler.coefficients(i) for i in range(scheduler.num_steps)]).to(self.device)
+        g = torch.tensor(guidance, dtype=torch.float32, device=self.device)
+        cfg_factor = 2 if static["do_cfg"] else 1
+
+        def step(latents, i, *conditioning):
+            t = timesteps[i].expand(cfg_factor * latents.shape[0])
+            return self.run_step(key, fn, latents, t, coefficients[i], g, *conditioning)
+
+        return step
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -278,20 +338,11 @@ class Pipeline:
             raise InputError(f"guidance_channels {k} must be between 1 and the {channels} latent channels.")
         seq_len = (latents.shape[-2] // dit.patch_size) * (latents.shape[-1] // dit.patch_size)
         scheduler = scheduler_from_config(self.scheduler, steps, image_seq_len=seq_len)
-        do_cfg = guidance > 1.0
         labels = labels.to(self.device)
-        y = torch.cat([labels, torch.full_like(labels, dit.num_classes)]) if do_cfg else labels  # (B or 2B,)
-        dtype = self.precision.dtype
+        y = torch.cat([labels, torch.full_like(labels, dit.num_classes)]) if guidance > 1.0 else labels  # (2B,) or (B,)
+        step = self.class_step(scheduler, guidance, k)
         for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
-            model_in = torch.cat([latents, latents]) if do_cfg else latents
-            t = scheduler.timesteps[i].to(self.device).expand(model_in.shape[0])
-            out = self.transformer(model_in.to(dtype), t, class_labels=y).float()
-            eps = out[:, :channels]  # (B', C, h, w): drop the learned variance
-            if do_cfg:
-                cond, uncond = eps.chunk(2)
-                guided = uncond[:, :k] + guidance * (cond[:, :k] - uncond[:, :k])
-                eps = torch.cat([guided, cond[:, k:]], dim=1)
-            latents = scheduler.step(latents, eps, i)
+            latents = step(latents, i, y)
         check_finite(latents, "denoising", self.precision)
         return latents
 

@@ -5,6 +5,12 @@ no step counter, no RNG, nothing mutated, so every backend and a CUDA-graph loop
 `timesteps[i]` is what the denoiser receives as its timestep input at step i; both
 schedulers put it on the training scale [0, num_train_timesteps].
 
+`step` is split in two so a CUDA graph can hold the update: `coefficients(i)`, the step's
+numbers as a small fp32 tensor (a graph reads them from a buffer refilled each step), and
+`update(latents, model_output, coefficients)`, the arithmetic, which depends on the schedule
+only through `update_key` (the class and its prediction settings): one captured update serves
+every step and every schedule with the same key.
+
 - `FlowMatchEuler`: diffusers' `FlowMatchEulerDiscreteScheduler` (SD3/Flux rectified flow).
 - `DDIM`: diffusers' `DDIMScheduler` with eta = 0 (deterministic).
 
@@ -33,6 +39,13 @@ class Scheduler(Protocol):
     init_noise_sigma: float  # initial latents = init_noise_sigma * randn
 
     def step(self, latents: torch.Tensor, model_output: torch.Tensor, i: int) -> torch.Tensor: ...
+
+    def coefficients(self, i: int) -> torch.Tensor: ...
+
+    def update(self, latents: torch.Tensor, model_output: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor: ...
+
+    @property
+    def update_key(self) -> tuple: ...
 
 
 def _check_index(s: Scheduler, i: int) -> None:
@@ -115,8 +128,20 @@ class FlowMatchEuler:
         return cls(num_steps, sig * n_train, torch.cat([sig, torch.zeros(1)]))
 
     def step(self, latents: torch.Tensor, model_output: torch.Tensor, i: int) -> torch.Tensor:
+        return self.update(latents, model_output, self.coefficients(i))
+
+    def coefficients(self, i: int) -> torch.Tensor:
+        """(1,) float32: dt = sigmas[i + 1] - sigmas[i] (negative)."""
         _check_index(self, i)
-        dt = self.sigmas[i + 1] - self.sigmas[i]  # 0-d float32, negative
+        return (self.sigmas[i + 1] - self.sigmas[i]).reshape(1)
+
+    @property
+    def update_key(self) -> tuple:
+        return ("FlowMatchEuler",)
+
+    @staticmethod
+    def update(latents: torch.Tensor, model_output: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        dt = coefficients[0]  # 0-d float32
         return (latents.float() + dt * model_output.float()).to(latents.dtype)
 
 
@@ -210,8 +235,19 @@ class DDIM:
         return cls(num_steps, t.to(torch.float32), alphas_cumprod[t], a_prev, pred, clip)
 
     def step(self, latents: torch.Tensor, model_output: torch.Tensor, i: int) -> torch.Tensor:
+        return self.update(latents, model_output, self.coefficients(i))
+
+    def coefficients(self, i: int) -> torch.Tensor:
+        """(2,) float32: alphas_cumprod at step i's timestep and at the one it steps to."""
         _check_index(self, i)
-        a_t, a_prev = self.alpha_prod[i], self.alpha_prod_prev[i]  # 0-d float32, same op order as diffusers
+        return torch.stack([self.alpha_prod[i], self.alpha_prod_prev[i]])
+
+    @property
+    def update_key(self) -> tuple:
+        return ("DDIM", self.prediction_type, self.clip_sample_range)
+
+    def update(self, latents: torch.Tensor, model_output: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        a_t, a_prev = coefficients[0], coefficients[1]  # 0-d float32, same op order as diffusers
         b_t = 1 - a_t
         x, out = latents.float(), model_output.float()
         if self.prediction_type == "epsilon":

@@ -36,3 +36,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class ReplayingStepRunner:
+    """A `Runtime.run_step` that behaves as CUDA-graph replay does, on the CPU.
+
+    The first call with a (key, input signature) fixes the step function; every later call with
+    the same pair runs *that first function* on the new tensors, as a graph replays the kernels
+    it captured on refilled input buffers. So a pipeline that baked anything into its step
+    function that the key and the tensors do not carry (a number of one schedule, the guidance
+    scale, a dtype) draws a wrong image here, as it would on the GPU.
+    """
+
+    def __init__(self):
+        self.captured = {}
+
+    def __call__(self, key, step, *tensors):
+        signature = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else ("V", t) for t in tensors)
+        return self.captured.setdefault((key, signature), step)(*tensors)
+
+
+@pytest.fixture
+def replaying_runner():
+    return ReplayingStepRunner()

@@ -77,6 +77,19 @@ def test_pipeline_equals_diffusers_dit_pipeline(dit_pipeline_dir, guidance):
     assert psnr(torch.from_numpy(got8), torch.from_numpy(ref8)) >= 50.0
 
 
+def test_class_steps_replay_safely_under_one_capture_per_shape(dit_pipeline_dir, replaying_runner):
+    """As test_pipeline's twin: one captured class-conditional step (DDIM, learned sigma, CFG on
+    some channels) serves other step counts and guidance scales exactly."""
+    eager = Pipeline.from_pretrained(dit_pipeline_dir, device="cpu", dtype="fp32")
+    replayed = Pipeline.from_pretrained(dit_pipeline_dir, device="cpu", dtype="fp32")
+    replayed.run_step = replaying_runner
+    for kwargs in (dict(steps=3, guidance=4.0), dict(steps=5, guidance=1.5), dict(steps=4, guidance=3.0)):
+        want = np.asarray(eager.generate(CLASSES, seed=7, **kwargs).images[1])
+        got = np.asarray(replayed.generate(CLASSES, seed=7, **kwargs).images[1])
+        assert np.array_equal(got, want), kwargs
+    assert len(replaying_runner.captured) == 1
+
+
 def test_cfg_changes_the_image(dit_pipeline_dir):
     pipe = Pipeline.from_pretrained(dit_pipeline_dir, device="cpu", dtype="fp32")
     a = np.asarray(pipe(207, guidance=1.0, steps=3)[0]).astype(float)

@@ -312,6 +312,29 @@ def test_ddim_scheduler_config_runs_as_diffusers(tiny_model_dir, tmp_path, monke
 # ------------------------------------------------------------------------------ 11. bf16 on the CPU
 
 
+@pytest.mark.parametrize("scheduler", ["flow", "ddim"])
+def test_steps_replay_safely_under_one_capture_per_shape(tiny_model_dir, tmp_path, replaying_runner, scheduler):
+    """The whole CFG step goes through `run_step` as one function whose cache key and tensors
+    carry everything that varies (what lets the triton backend capture it in a CUDA graph): one
+    captured step serves other step counts (schedules) and guidance scales exactly."""
+    model_dir = tiny_model_dir
+    if scheduler == "ddim":
+        model_dir = tmp_path / "ddim"
+        shutil.copytree(tiny_model_dir, model_dir)
+        (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+            {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "prediction_type": "v_prediction"}))
+    eager = Pipeline.from_pretrained(model_dir, device="cpu", dtype="fp32")
+    replayed = Pipeline.from_pretrained(model_dir, device="cpu", dtype="fp32")
+    replayed.run_step = replaying_runner
+    runs = [dict(steps=3, guidance=4.0, seed=1), dict(steps=5, guidance=2.5, seed=2), dict(steps=2, guidance=1.0, seed=3),
+            dict(steps=4, guidance=6.0, seed=4)]
+    for kwargs in runs:
+        want = np.asarray(eager.generate("a red circle", height=H, width=W, **kwargs).images[0])
+        got = np.asarray(replayed.generate("a red circle", height=H, width=W, **kwargs).images[0])
+        assert np.array_equal(got, want), kwargs
+    assert len(replaying_runner.captured) == 2  # with and without CFG: one capture each for 4 runs
+
+
 def test_bf16_on_cpu_is_close_to_fp32(tiny_model_dir):
     kwargs = dict(steps=4, guidance=4.0, seed=0, height=32, width=40)
     prompts = ["a red circle", "two blue squares"]

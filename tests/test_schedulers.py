@@ -136,6 +136,26 @@ def test_step_is_pure(cfg):
         s.num_steps = 3
 
 
+@pytest.mark.parametrize("cfg", [*DDIM_CONFIGS.values(), *FLOW_CONFIGS.values()],
+                         ids=[*(f"ddim-{k}" for k in DDIM_CONFIGS), *(f"flow-{k}" for k in FLOW_CONFIGS)])
+def test_update_with_coefficients_is_step_and_one_key_serves_every_schedule(cfg):
+    """What a CUDA-graph loop relies on: `update` with step i's `coefficients` is `step(i)` bit for
+    bit, and the update of another step count (another schedule) has the same key, so one
+    captured update serves both; the key differs where the arithmetic does."""
+    gen = torch.Generator().manual_seed(2)
+    x, out = _randn(gen), _randn(gen)
+    s7, s50 = (scheduler_from_config(cfg, n, image_seq_len=IMAGE_SEQ_LEN) for n in (7, 50))
+    for i in (0, 3, 6):
+        assert torch.equal(s50.update(x, out, s7.coefficients(i)), s7.step(x, out, i))
+    assert s7.update_key == s50.update_key
+    keys = {scheduler_from_config(c, 7, image_seq_len=IMAGE_SEQ_LEN).update_key
+            for c in [*DDIM_CONFIGS.values(), *FLOW_CONFIGS.values()]}
+    # sd/dit (epsilon, no clip) share one; clip 1.5, v_prediction, sample and flow differ
+    assert len(keys) == 5, keys
+    with pytest.raises(InputError):
+        s7.coefficients(7)
+
+
 @pytest.mark.parametrize("cfg", [DDIM_CONFIGS["sd"], FLOW_CONFIGS["shift3"]], ids=["ddim", "flow"])
 def test_step_keeps_low_precision_dtype(cfg):
     s = scheduler_from_config(cfg, 7)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ldm_rt import kernels
-from ldm_rt.backends import triton_backend
+from ldm_rt.backends import eager_step, triton_backend
 from ldm_rt.errors import InputError
 from ldm_rt.model_dir import load_model_dir
 from ldm_rt.parity import IMAGE_PSNR_DB, compare, psnr
@@ -32,7 +32,7 @@ def dit_inputs(cfg, batch=3, h=8, w=6, m=7, device="cpu", dtype=torch.float32, s
 def count_kernel_calls(monkeypatch) -> dict[str, int]:
     """Wrap the public kernels so a test can see that the backend really routed to them."""
     calls = {}
-    for name in ("attention", "layernorm_modulate"):
+    for name in ("attention", "layernorm_modulate", "gated_residual_layernorm_modulate"):
         real = getattr(kernels, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
@@ -55,7 +55,10 @@ def test_dit_with_kernels_matches_reference_on_cpu(tiny_model_dir, monkeypatch):
     calls = count_kernel_calls(monkeypatch)
     out = runtime.transformer(*inputs)
     depth = ref_model.config.depth
-    assert calls == {"attention": 2 * depth, "layernorm_modulate": 2 * depth + 1}, calls
+    # per block: self- and cross-attention, the attention's adaLN, the residual fused with the
+    # MLP's adaLN; plus the final layer's adaLN
+    assert calls == {"attention": 2 * depth, "layernorm_modulate": depth + 1,
+                     "gated_residual_layernorm_modulate": depth}, calls
     result = compare(out, ref, "transformer", "fp32")
     assert result.passed, str(result)
 
@@ -94,41 +97,35 @@ def test_triton_backend_refuses_fp32_on_cuda(tiny_model_dir):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_cuda_graph_replay_matches_eager_kernels_and_reference(tiny_model_dir, dtype, monkeypatch):
-    precision = Precision.parse(dtype)
-    runtime = triton_backend.load(load_model_dir(tiny_model_dir), torch.device("cuda"), precision)
-    graphed = runtime.transformer
-    assert isinstance(graphed, triton_backend.GraphedTransformer)
-    cfg = graphed.call.module.config
-    first = dit_inputs(cfg, device="cuda", dtype=precision.dtype, seed=0)
-    second = dit_inputs(cfg, device="cuda", dtype=precision.dtype, seed=1)  # same shapes, new values
-    eager = graphed.call(*second)
-    graphed(*first)  # captures
-    out = graphed(*second)  # replays with new inputs copied into the static buffers
-    assert graphed.captures == 1
-    same = compare(out.float(), eager.float(), "op", dtype)  # stale static buffers would give first's output
-    assert same.passed, str(same)
-    with torch.no_grad():
-        ref = load_model_dir(tiny_model_dir).transformer.cuda()(*(t.float() if t.is_floating_point() else t
-                                                                   for t in second))
-    result = compare(out.float(), ref, "transformer", dtype)
-    assert result.passed, str(result)
+def test_cuda_graph_steps_match_eager_kernels(tiny_model_dir, dtype):
+    """Whole CFG steps replayed from CUDA graphs against the same kernels run eagerly: one capture
+    per CFG mode serves other schedules, guidance scales and seeds (stale static buffers or a
+    number baked into the capture would give another image)."""
+    graphed = Pipeline.from_pretrained(tiny_model_dir, backend="triton", device="cuda", dtype=dtype)
+    eager = Pipeline.from_pretrained(tiny_model_dir, backend="triton", device="cuda", dtype=dtype)
+    assert isinstance(graphed.run_step, triton_backend.StepGraphs)
+    eager.run_step = eager_step
+    for kwargs in (dict(steps=3, guidance=4.0, seed=1), dict(steps=6, guidance=2.0, seed=2),
+                   dict(steps=2, guidance=1.0, seed=3)):
+        got = graphed.generate("a red circle", height=32, width=48, **kwargs).images[0]
+        want = eager.generate("a red circle", height=32, width=48, **kwargs).images[0]
+        db = psnr(torch.from_numpy(np.array(got)), torch.from_numpy(np.array(want)))
+        assert db >= IMAGE_PSNR_DB[dtype], f"{kwargs}: graphed vs eager kernels PSNR {db:.1f} dB"
+    assert graphed.run_step.captures == 2  # with and without CFG
 
 
 @pytest.mark.gpu
 def test_graph_cache_captures_once_per_size_and_evicts(tiny_model_dir):
-    runtime = triton_backend.load(load_model_dir(tiny_model_dir), torch.device("cuda"), Precision.FP16)
-    graphed = runtime.transformer
-    graphed.max_graphs = 2
-    cfg = graphed.call.module.config
-    small, large, wide = ((dit_inputs(cfg, h=h, w=w, device="cuda", dtype=torch.float16)) for h, w in
-                          ((8, 6), (12, 10), (8, 16)))
-    for inputs in (small, small, large, small, wide):
-        out = graphed(*inputs)
-        assert out.shape == inputs[0].shape
-    assert graphed.captures == 3 and len(graphed.graphs) == 2
-    graphed(*large)  # evicted by `wide` (small was used more recently): captured again
-    assert graphed.captures == 4
+    pipe = Pipeline.from_pretrained(tiny_model_dir, backend="triton", device="cuda", dtype="fp16")
+    graphs = pipe.run_step
+    graphs.max_graphs = 2
+    small, large, wide = (16, 16), (32, 24), (16, 40)
+    for height, width in (small, small, large, small, wide):
+        image = pipe.generate("a red circle", steps=2, height=height, width=width).images[0]
+        assert image.size == (width, height)
+    assert graphs.captures == 3 and len(graphs.graphs) == 2
+    pipe.generate("a red circle", steps=2, height=large[0], width=large[1])  # evicted by `wide`: captured again
+    assert graphs.captures == 4
 
 
 @pytest.mark.gpu

@@ -6,6 +6,12 @@ signatures, so the pipeline never asks which backend it holds:
 - text_encoder(input_ids) -> (last_hidden_state, pooled)
 - transformer(latents, timestep, text_states, text_mask, pooled) -> prediction
 - vae.decode(latents) -> image in [-1, 1]
+
+and a `run_step(key, step, *tensors)` through which the pipeline runs each denoising step (the
+DiT call, the CFG combination and the scheduler update, as one pure function `step`): eager by
+default, replayed from a CUDA graph by the triton backend. `key` names everything about `step`
+that its tensor arguments do not (which function, its static settings), so a backend may cache
+one capture per (key, input shapes).
 """
 
 from __future__ import annotations
@@ -27,12 +33,18 @@ BACKENDS: dict[str, tuple[str, str] | None] = {
 }
 
 
+def eager_step(key: tuple, step: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """`Runtime.run_step` of every backend that does not capture steps: just the call."""
+    return step(*tensors)
+
+
 @dataclass
 class Runtime:
     text_encoder: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     transformer: Callable[..., torch.Tensor]
     vae: Any  # has .decode(z)
     vae_dtype: torch.dtype  # what decode() takes: fp32 when the VAE config forces an upcast
+    run_step: Callable[..., torch.Tensor] = eager_step
 
 
 # Backends that run exported graphs and so can take a user's export (`onnx_dir`).

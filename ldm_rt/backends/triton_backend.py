@@ -1,23 +1,23 @@
-"""The `triton` backend: the reference modules with the Triton kernels swapped in, and the
-CFG-batched DiT call replayed from CUDA graphs.
+"""The `triton` backend: the reference modules with the Triton kernels swapped in, and each
+whole CFG denoising step replayed from a CUDA graph.
 
-- Kernels: the DiT runs inside `ops.use(attention=..., apply_rope=..., layernorm_modulate=...)`
-  with the `ldm_rt.kernels` versions, so the model file is the reference's, unforked. Self-
-  attention gets RoPE fused into the attention kernel (the DiT passes cos/sin to `attention`),
-  and reads q, k, v as strided views of the reference's single fused qkv projection
-  (`SelfAttention.qkv` is already one Linear, so there is no separate QKV fusion to add);
-  cross-attention runs on the same kernel with the text padding mask. The text encoder and
-  the VAE stay eager (the VAE's attention has head dim 512, above the kernel's 256; both run
-  once per image, not once per step).
-- CUDA graphs: the first DiT call with a new input signature (shapes, dtypes, which optional
-  inputs are None: one per batch and resolution) warms up on a side stream (Triton JIT,
-  cuBLAS handles), then is captured into a graph reading static input buffers. Each later
-  call copies its inputs into those buffers (the timestep included: the scheduler's table
-  lives on the CPU, the pipeline moves step i's value to the device), replays, and returns a
-  copy of the static output, so the caller may keep it across steps. Graphs live in a small
-  LRU cache (`max_graphs`), so a new image size costs one capture, not a failure. The CFG
-  combination and the scheduler step (the shared pure function) stay outside the graph: a
-  few elementwise launches on the latents, against ~30 kernels per DiT block inside it.
+- Kernels: the DiT runs inside `ops.use(...)` with the `ldm_rt.kernels` versions of every swap
+  point, so the model file is the reference's, unforked. Self-attention gets RoPE fused into the
+  attention kernel (the DiT passes cos/sin to `attention`) and reads q, k, v as strided views of
+  the reference's single fused qkv projection (`SelfAttention.qkv` is already one Linear, so
+  there is no separate QKV fusion to add); cross-attention runs on the same kernel with the
+  text padding mask; each block's residual add before the MLP is fused with the MLP's adaLN
+  (`gated_residual_layernorm_modulate`). The text encoder and the VAE stay eager (the VAE's
+  attention has head dim 512, above the kernel's 256; both run once per image, not per step).
+- CUDA graphs (`StepGraphs`, the runtime's `run_step`): the pipeline hands over each denoising
+  step as one pure function (the DiT call on [latents; latents], the CFG combination, the
+  scheduler update, see `ldm_rt.pipeline.text_cfg_step`) with its tensors: latents, timestep,
+  the scheduler's coefficients for the step, the guidance scale, the conditioning. The first
+  step with a new key and input signature (shapes, dtypes: one per batch and resolution) warms
+  up on a side stream (Triton JIT, cuBLAS handles), then is captured into a graph reading static
+  input buffers. Every later step copies its tensors into those buffers, replays, and returns a
+  copy of the static output, so the caller may keep it. Graphs live in a small LRU cache
+  (`max_graphs`), so a new image size costs one capture, not a failure.
 - On the CPU with TRITON_INTERPRET=1 (tests only) the kernels run in Triton's interpreter,
   eagerly, without graphs, in fp32 (the interpreter has no bf16; the pipeline refuses fp16
   on the CPU).
@@ -42,7 +42,8 @@ WARMUP_CALLS = 2  # eager calls on a side stream before capture (JIT, allocator,
 
 def kernel_impls() -> dict[str, Callable]:
     """The swap points the triton backend routes to kernels (names as in `ops.use`)."""
-    return dict(attention=kernels.attention, apply_rope=kernels.apply_rope, layernorm_modulate=kernels.layernorm_modulate)
+    return dict(attention=kernels.attention, apply_rope=kernels.apply_rope, layernorm_modulate=kernels.layernorm_modulate,
+                gated_residual_layernorm_modulate=kernels.gated_residual_layernorm_modulate)
 
 
 class KernelModule:
@@ -60,26 +61,22 @@ class KernelModule:
 class _Graph:
     """One captured call: static input buffers, the graph, its static output."""
 
-    def __init__(self, fn: Callable, args: tuple, kwargs: dict, warmup: int):
+    def __init__(self, fn: Callable, args: tuple, warmup: int):
         self.args = tuple(_static(a) for a in args)
-        self.kwargs = {k: _static(v) for k, v in kwargs.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                fn(*self.args, **self.kwargs)
+                fn(*self.args)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.output = fn(*self.args, **self.kwargs)
+            self.output = fn(*self.args)
 
-    def __call__(self, args: tuple, kwargs: dict) -> torch.Tensor:
+    def __call__(self, args: tuple) -> torch.Tensor:
         for static, new in zip(self.args, args):
             if isinstance(static, torch.Tensor):
                 static.copy_(new)
-        for name, new in kwargs.items():
-            if isinstance(self.kwargs[name], torch.Tensor):
-                self.kwargs[name].copy_(new)
         self.graph.replay()
         return self.output.clone()
 
@@ -88,42 +85,38 @@ def _static(x: Any) -> Any:
     return torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x) if isinstance(x, torch.Tensor) else x
 
 
-def _signature(args: tuple, kwargs: dict) -> tuple:
+def _signature(args: tuple) -> tuple:
     """What a graph is specialised on: each tensor's shape/dtype/device, every other value."""
-    def sig(x):
-        return ("T", tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else ("V", x)
-
-    return tuple(sig(a) for a in args) + tuple((k, sig(v)) for k, v in sorted(kwargs.items()))
+    return tuple(("T", tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else ("V", x) for x in args)
 
 
-class GraphedTransformer:
-    """The DiT with kernels, replayed from one CUDA graph per input signature (LRU of `max_graphs`).
+class StepGraphs:
+    """`Runtime.run_step` with CUDA graphs: one graph per (key, input signature), LRU of `max_graphs`.
 
-    Same call signature as the module. Graph capture needs the whole forward free of host
-    syncs, which the reference DiT and the kernel launchers are (no `.item()`, no data-dependent
-    shapes).
+    Graph capture needs `step` free of host syncs, which the reference DiT, the kernel
+    launchers, the CFG combination and the scheduler update are (no `.item()`, no
+    data-dependent shapes; the scheduler's numbers arrive as tensors).
     """
 
-    def __init__(self, module: torch.nn.Module, max_graphs: int = MAX_GRAPHS, warmup: int = WARMUP_CALLS):
-        self.call = KernelModule(module)
+    def __init__(self, max_graphs: int = MAX_GRAPHS, warmup: int = WARMUP_CALLS):
         self.max_graphs = max_graphs
         self.warmup = warmup
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.captures = 0  # how many graphs were captured (a new size adds one)
 
     @torch.no_grad()
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        key = _signature(args, kwargs)
-        graph = self.graphs.get(key)
+    def __call__(self, key: tuple, step: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+        full_key = (key, _signature(tensors))
+        graph = self.graphs.get(full_key)
         if graph is None:
-            graph = _Graph(self.call, args, kwargs, self.warmup)
+            graph = _Graph(step, tensors, self.warmup)
             self.captures += 1
-            self.graphs[key] = graph
+            self.graphs[full_key] = graph
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)  # frees that graph and its memory pool
         else:
-            self.graphs.move_to_end(key)
-        return graph(args, kwargs)
+            self.graphs.move_to_end(full_key)
+        return graph(tensors)
 
 
 def check_device(device: torch.device, precision: Precision) -> bool:
@@ -149,5 +142,5 @@ def load(components, device: torch.device, precision: Precision, cuda_graphs: bo
     use_graphs = graphs_possible if cuda_graphs is None else (cuda_graphs and graphs_possible)
     runtime = torch_backend.load(components, device, precision)  # the same modules, dtypes and VAE upcast
     runtime.transformer.eval()
-    transformer = GraphedTransformer(runtime.transformer) if use_graphs else KernelModule(runtime.transformer)
-    return dataclasses.replace(runtime, transformer=transformer)
+    run_step = StepGraphs() if use_graphs else runtime.run_step
+    return dataclasses.replace(runtime, transformer=KernelModule(runtime.transformer), run_step=run_step)
