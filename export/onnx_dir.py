@@ -24,6 +24,29 @@ from ldm_rt.export.specs import COMPONENT_NAMES
 EXPORT_NAME = {"text_encoder": "text-encoder", "transformer": "dit", "vae_decoder": "vae"}
 
 
+def read_manifest(onnx_dir: Path, fix: str = "`ldm-rt export --model all --out DIR`") -> dict:
+    """The manifest of the export directory `onnx_dir`, or a one-sentence `ModelDirError` that
+    ends with `fix` (the export command that repairs it). Checks only that it is an ldm-rt
+    manifest; what a caller needs of it, it checks itself."""
+    if not onnx_dir.is_dir():
+        raise ModelDirError(f"ONNX directory {onnx_dir} does not exist (or is not a directory); export into it "
+                            f"with {fix}.")
+    path = onnx_dir / MANIFEST
+    if not path.is_file():
+        raise ModelDirError(
+            f"{onnx_dir} has no {MANIFEST}, so its graphs cannot be matched to a model; export with {fix}."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"{path} cannot be read as JSON ({exc}); re-export with {fix}.") from None
+    if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
+            or not isinstance(manifest.get("components"), dict) or not manifest["components"]):
+        raise ModelDirError(f"{path} is not an ldm-rt manifest (format {MANIFEST_FORMAT}, listing its "
+                            f"components); re-export with {fix}.")
+    return manifest
+
+
 def open_onnx_dir(
     onnx_dir: str | Path,
     components,
@@ -38,21 +61,8 @@ def open_onnx_dir(
     """
     onnx_dir = Path(onnx_dir).expanduser()
     fix = f"`ldm-rt export --model all --model-dir MODEL_DIR --dtype {dtype} --out {onnx_dir}`"
-    if not onnx_dir.is_dir():
-        raise ModelDirError(f"ONNX directory {onnx_dir} does not exist; export into it with {fix}.")
+    manifest = read_manifest(onnx_dir, fix)
     path = onnx_dir / MANIFEST
-    if not path.is_file():
-        raise ModelDirError(
-            f"{onnx_dir} has no {MANIFEST}, so its graphs cannot be matched to a model; re-export with {fix}."
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelDirError(f"{path} cannot be read as JSON ({exc}); re-export with {fix}.") from None
-    if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
-            or not isinstance(manifest.get("components"), dict)):
-        raise ModelDirError(f"{path} is not an ldm-rt manifest (format {MANIFEST_FORMAT}); re-export with {fix}.")
-
     source = source_hash(components, digests)
     if manifest.get("source_sha256") != source:
         raise ModelDirError(

@@ -37,10 +37,11 @@ from typing import Callable, Mapping
 
 from ldm_rt import __version__
 from ldm_rt.errors import InputError, LdmRtError, MissingDependencyError, ModelDirError, require
+from ldm_rt.export.onnx_dir import read_manifest
+from ldm_rt.export.onnx_export import MANIFEST
 from ldm_rt.model_dir import writable_dir
 
 ENGINE_FORMAT = 1
-MANIFEST = "manifest.json"  # the name export/onnx_export.py writes
 MODES = ("fp32", "fp16", "bf16", "strongly-typed")
 # Components called on the CFG batch [uncond; cond]: Pipeline.generate encodes uncond + cond
 # prompts in one text-encoder call and Pipeline.denoise concatenates the latents for the DiT.
@@ -215,24 +216,6 @@ def component_profile(
             shapes[point_name] = [_resolve(d, env) for d in tensor["dims"]]
         profile[tensor["name"]] = shapes
     return profile
-
-
-def read_manifest(onnx_dir: Path) -> dict:
-    """The export manifest of `onnx_dir`, or one clear error."""
-    if not onnx_dir.is_dir():
-        raise InputError(f"--onnx-dir {onnx_dir} is not a directory; export one with `ldm-rt export --out DIR`.")
-    path = onnx_dir / MANIFEST
-    if not path.is_file():
-        raise ModelDirError(
-            f"{onnx_dir} has no {MANIFEST}; export the model first with `ldm-rt export --model all --out {onnx_dir}`."
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelDirError(f"{path} is not readable JSON ({exc}); re-export into {onnx_dir}.") from None
-    if not isinstance(manifest, dict) or not manifest.get("components"):
-        raise ModelDirError(f"{path} lists no components; re-export into {onnx_dir}.")
-    return manifest
 
 
 def manifest_profiles(
@@ -462,7 +445,7 @@ def build_engines(
     timing_cache = Path(timing_cache).expanduser() if timing_cache is not None else None
     if timing_cache is not None and timing_cache.exists() and not timing_cache.is_file():
         raise InputError(f"--timing-cache {timing_cache} is not a file; give a file path (it is created if missing).")
-    manifest = read_manifest(onnx_dir)
+    manifest = read_manifest(onnx_dir, f"`ldm-rt export --model all --model-dir MODEL_DIR --out {onnx_dir}`")
     geometry = geometry or Geometry.from_manifest(manifest, str(onnx_dir / MANIFEST))
     profiles = manifest_profiles(manifest, min, opt, max, geometry)
     names = list(components) if components is not None else list(manifest["components"])

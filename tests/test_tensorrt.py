@@ -370,10 +370,13 @@ def test_build_engines_argument_errors(tmp_path, tiny, kwargs, error, message):
 
 
 def test_build_engines_onnx_dir_errors(tmp_path, tiny):
-    with pytest.raises(InputError, match="is not a directory"):
+    with pytest.raises(ModelDirError, match="does not exist"):
         run_build(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelDirError, match="has no manifest.json; export the model first"):
+    with pytest.raises(ModelDirError, match="has no manifest.json, so its graphs cannot be matched"):
+        run_build(tmp_path / "empty")
+    (tmp_path / "empty" / "manifest.json").write_text('{"format": 1, "components": {}}')
+    with pytest.raises(ModelDirError, match="is not an ldm-rt manifest"):
         run_build(tmp_path / "empty")
     onnx_dir = fake_onnx_dir(tmp_path, tiny.config)
     (onnx_dir / "transformer.onnx").unlink()
