@@ -327,11 +327,13 @@ def env():
 @click.option("--config", default="demo", show_default=True, help="demo (the shipped model) or tiny (tests).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Export directory (default: the package's ldm_rt/demo/model).")
-def train_demo(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out):
+@click.option("--init-from", type=click.Path(path_type=Path), default=None,
+              help="dit: warm-start a run dir that has no dit.pt from an exported model (e.g. ldm_rt/demo/model).")
+def train_demo(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out, init_from):
     """Train the built-in demo model (stages vae, dit, export); same as `python -m ldm_rt.demo.train`."""
     from ldm_rt.demo.train import run_cli
 
-    run_cli(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out)
+    run_cli(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out, init_from)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -111,6 +111,45 @@ def test_export_loads_and_generates_with_the_run_defaults(vae_run, tmp_path):
     assert [im.size for im in images] == [(cfg.image_size, cfg.image_size)] * 3
 
 
+def test_warm_start_from_an_exported_model(vae_run, tmp_path):
+    """--init-from: a run dir without dit.pt goes on from an exported model's weights, at its step."""
+    from ldm_rt.errors import InputError
+    from ldm_rt.model_dir import load_model_dir
+
+    run_dir = _copy_run(vae_run, tmp_path / "run")
+    _run("dit", run_dir, 3)
+    model = _run("export", run_dir, 0, out=tmp_path / "model")
+    info = json.loads((model / T.TRAINING_INFO).read_text())
+    assert (info["config"], info["seed"], info["dit_step"], info["weights"]) == ("tiny", 0, 3, "EMA")
+
+    warm = _copy_run(vae_run, tmp_path / "warm")
+    losses = _run("dit", warm, 4, init_from=model, lr=1e-12)  # one step that cannot move the weights
+    assert len(losses) == 1
+    ck = torch.load(warm / "dit.pt", weights_only=False)
+    assert (ck["step"], ck["init_step"]) == (4, 3)
+    exported = load_model_dir(model)
+    for name, value in exported.transformer.state_dict().items():
+        torch.testing.assert_close(ck["dit"][name], value.float(), rtol=0, atol=1e-6, msg=name)
+    assert len(_run("dit", warm, 6)) == 2  # and it resumes from its own checkpoint after that
+
+    with pytest.raises(InputError, match="drop --init-from"):
+        _run("dit", warm, 8, init_from=model)
+    with pytest.raises(InputError, match="applies to --stage dit"):
+        _run("vae", warm, 8, init_from=model)
+    with pytest.raises(InputError, match="has no training.json"):
+        _run("dit", _copy_run(vae_run, tmp_path / "w2"), 5, init_from=vae_run)
+    other = tmp_path / "other"
+    shutil.copytree(model, other)
+    (other / T.TRAINING_INFO).write_text(json.dumps({**info, "seed": 1}))
+    with pytest.raises(InputError, match="seed 1"):
+        _run("dit", _copy_run(vae_run, tmp_path / "w3"), 5, init_from=other)
+    info_vae = json.loads((other / "vae" / "config.json").read_text())
+    (other / T.TRAINING_INFO).write_text(json.dumps(info))
+    (other / "vae" / "config.json").write_text(json.dumps({**info_vae, "scaling_factor": 2 * info_vae["scaling_factor"]}))
+    with pytest.raises(InputError, match="another VAE"):
+        _run("dit", _copy_run(vae_run, tmp_path / "w4"), 5, init_from=other)
+
+
 def test_run_dir_pins_config_and_seed(tmp_path):
     from ldm_rt.errors import InputError
 

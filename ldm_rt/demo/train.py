@@ -19,6 +19,13 @@
 checkpoint (weights, optimiser, step, RNG states) and goes on. The batch and noise of step k
 are drawn from a generator seeded by (seed, k), so a resumed run is bit-identical to a straight
 one.
+
+Without the run dir's `dit.pt` (150 MB with the optimiser state, too big to commit), `--stage
+dit --init-from MODEL_DIR` goes on from an exported model instead: the shipped model holds the
+EMA weights and its `training.json` the step they were exported at. The DiT and text encoder
+start from those weights (and the EMA too), at that step of the schedule, with a fresh AdamW
+whose learning rate warms up again over `dit_warmup` steps. That is a warm start, close to but
+not bit-identical with the run that made the model.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from ldm_rt.tokenizer import BOS, END_OF_WORD, EOS, CLIPTokenizer, _CLIP_BYTE_RA
 
 STAGES = ("vae", "dit", "export")
 DEFAULT_OUT = Path(__file__).parent / "model"
+TRAINING_INFO = "training.json"  # written into an exported model dir: config, seed, DiT step
 _DATA_SEED_BASE = 1_000_003  # the fixed dit dataset uses make_batch seeds from here on
 
 
@@ -322,8 +330,33 @@ def flow_matching_loss(dit: DiT, text_encoder: CLIPTextModel, x0, input_ids, mas
     return F.mse_loss(pred, noise - x0)
 
 
+def _warm_start(config_name: str, seed: int, model_dir: Path, cache: dict,
+                dit: DiT, text_encoder: CLIPTextModel) -> int:
+    """Load an exported model's weights into `dit` and `text_encoder`; returns its DiT step."""
+    from ldm_rt.model_dir import load_model_dir
+
+    info_path = Path(model_dir) / TRAINING_INFO
+    if not info_path.is_file():
+        raise InputError(f"--init-from {model_dir} has no {TRAINING_INFO}; give a model directory written by "
+                         "`--stage export` (the built-in one is ldm_rt/demo/model).")
+    info = json.loads(info_path.read_text())
+    if (info.get("config"), info.get("seed")) != (config_name, seed):
+        raise InputError(f"--init-from {model_dir} was trained with config {info.get('config')!r} and seed "
+                         f"{info.get('seed')}, not {config_name!r} and {seed}; use the same settings.")
+    components = load_model_dir(model_dir)
+    vae = components.vae.config
+    if abs(vae.scaling_factor - cache["scaling_factor"]) > 1e-4 * cache["scaling_factor"] or \
+            abs(vae.shift_factor - cache["shift_factor"]) > 1e-4:
+        raise InputError(f"--init-from {model_dir} was trained on the latents of another VAE than this run dir's "
+                         "(its latent scaling differs); copy that run's vae.pt, or start the DiT from scratch.")
+    dit.load_state_dict({k: v.float() for k, v in components.transformer.state_dict().items()})
+    text_encoder.load_state_dict({k: v.float() for k, v in components.text_encoder.state_dict().items()})
+    return int(info["dit_step"])
+
+
 def train_dit(cfg: DemoConfig, run_dir: Path, steps: int, seed: int, batch: int, lr: float, log_every: int,
-              ckpt_every: int, progress: bool, overfit: bool) -> list[float]:
+              ckpt_every: int, progress: bool, overfit: bool, init_from: Path | None = None,
+              config_name: str = "demo") -> list[float]:
     ckpt_path = run_dir / "dit.pt"
     tokenizer = build_tokenizer(cfg.text_encoder.max_position_embeddings)
     cache = latent_cache(cfg, run_dir, tokenizer, progress)
@@ -338,8 +371,10 @@ def train_dit(cfg: DemoConfig, run_dir: Path, steps: int, seed: int, batch: int,
     if cfg.ema_decay > 0:
         ema = {"dit." + k: v.detach().clone() for k, v in dit.named_parameters()}
         ema |= {"text_encoder." + k: v.detach().clone() for k, v in text_encoder.named_parameters()}
-    state = {"step": 0}
+    state = {"step": 0, "init_step": None}
     if ckpt_path.is_file():
+        if init_from is not None:
+            raise InputError(f"{ckpt_path} exists: the run goes on from it; drop --init-from (it starts a run).")
         ck = _load(ckpt_path)
         dit.load_state_dict(ck["dit"])
         text_encoder.load_state_dict(ck["text_encoder"])
@@ -347,7 +382,12 @@ def train_dit(cfg: DemoConfig, run_dir: Path, steps: int, seed: int, batch: int,
         if ema is not None:
             ema = ck["ema"]
         _set_rng_states(ck["rng"])
-        state["step"] = ck["step"]
+        state["step"], state["init_step"] = ck["step"], ck.get("init_step")
+    elif init_from is not None:
+        state["step"] = state["init_step"] = _warm_start(config_name, seed, init_from, cache, dit, text_encoder)
+        if ema is not None:  # the exported weights are the EMA's
+            ema = {"dit." + k: v.detach().clone() for k, v in dit.named_parameters()}
+            ema |= {"text_encoder." + k: v.detach().clone() for k, v in text_encoder.named_parameters()}
     dit.train()
     text_encoder.train()
     n = cache["latents"].shape[0]
@@ -359,8 +399,11 @@ def train_dit(cfg: DemoConfig, run_dir: Path, steps: int, seed: int, batch: int,
         ids, mask = cache["input_ids"][idx].clone(), cache["mask"][idx].clone()
         drop = torch.rand(batch, generator=gen) < cfg.caption_dropout
         ids[drop], mask[drop] = empty.input_ids[0], empty.attention_mask[0]
+        rate = lr_at(step, lr, cfg.dit_warmup, cfg.dit_decay)
+        if state["init_step"] is not None:  # a warm start: the fresh AdamW warms up again
+            rate *= min(1.0, (step - state["init_step"] + 1) / max(1, cfg.dit_warmup))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr, cfg.dit_warmup, cfg.dit_decay)
+            group["lr"] = rate
         loss = flow_matching_loss(dit, text_encoder, x0, ids, mask, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -374,7 +417,8 @@ def train_dit(cfg: DemoConfig, run_dir: Path, steps: int, seed: int, batch: int,
 
     def save_fn(done):
         return {"step": done, "dit": dit.state_dict(), "text_encoder": text_encoder.state_dict(),
-                "opt": opt.state_dict(), "ema": ema, "rng": _rng_states(), "batch": batch, "lr": lr}
+                "opt": opt.state_dict(), "ema": ema, "rng": _rng_states(), "batch": batch, "lr": lr,
+                "init_step": state["init_step"]}
 
     return _train_loop(stage="dit", run_dir=run_dir, steps=steps, log_every=log_every, ckpt_every=ckpt_every,
                        progress=progress, ckpt_path=ckpt_path, state=state, step_fn=step_fn, save_fn=save_fn)
@@ -409,7 +453,12 @@ def export(cfg: DemoConfig, run_dir: Path, out: Path, use_ema: bool = True) -> P
     out = Path(out)
     if out.exists() and (out / "model_index.json").is_file():
         shutil.rmtree(out)
-    return save_model_dir(components, out, dtype=torch.float16)
+    save_model_dir(components, out, dtype=torch.float16)
+    run = json.loads((run_dir / "run.json").read_text())
+    info = {**run, "dit_step": ck["step"], "weights": "EMA" if use_ema and ck.get("ema") is not None else "raw",
+            "continue_with": "ldm-rt train-demo --stage dit --run-dir RUN_DIR --init-from THIS_DIR --steps N"}
+    (out / TRAINING_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    return out
 
 
 def dir_size_mb(path: Path) -> float:
@@ -420,15 +469,18 @@ def dir_size_mb(path: Path) -> float:
 
 def train(stage: str, run_dir: str | Path, steps: int = 0, seed: int = 0, batch: int | None = None,
           lr: float | None = None, log_every: int = 50, ckpt_every: int = 500, config: str = "demo",
-          out: str | Path | None = None, progress: bool = True, overfit: bool = False):
+          out: str | Path | None = None, progress: bool = True, overfit: bool = False,
+          init_from: str | Path | None = None):
     """One stage (`vae`, `dit` or `export`) in `run_dir`; returns the losses of the steps run
     (for `export`, the model directory written). `overfit` repeats step 0's batch and noise
-    (tests only)."""
+    (tests only); `init_from` (dit only) warm-starts from an exported model directory."""
     if stage not in STAGES:
         raise InputError(f"--stage {stage!r}; use one of {', '.join(STAGES)}.")
     cfg = demo_config(config)
     run_dir = Path(run_dir)
     _run_info(run_dir, config, seed)
+    if init_from is not None and stage != "dit":
+        raise InputError(f"--init-from applies to --stage dit, not {stage}.")
     if stage == "export":
         path = export(cfg, run_dir, Path(out) if out is not None else DEFAULT_OUT)
         return path
@@ -440,7 +492,7 @@ def train(stage: str, run_dir: str | Path, steps: int = 0, seed: int = 0, batch:
         return train_vae(cfg, run_dir, steps, seed, batch or cfg.vae_batch, lr or cfg.vae_lr, log_every,
                          ckpt_every, progress, overfit)
     return train_dit(cfg, run_dir, steps, seed, batch or cfg.dit_batch, lr or cfg.dit_lr, log_every,
-                     ckpt_every, progress, overfit)
+                     ckpt_every, progress, overfit, None if init_from is None else Path(init_from), config)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -455,13 +507,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--config", default="demo", help="demo (the shipped model) or tiny (tests)")
     p.add_argument("--out", type=Path, default=None, help=f"export directory (default {DEFAULT_OUT})")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="dit: warm-start a run dir without dit.pt from an exported model (e.g. ldm_rt/demo/model)")
     return p.parse_args(argv)
 
 
-def run_cli(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out) -> None:
+def run_cli(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out, init_from=None) -> None:
     """What both `python -m ldm_rt.demo.train` and `ldm-rt train-demo` do."""
     torch.set_num_threads(os.cpu_count() or 1)
-    result = train(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out)
+    result = train(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out, init_from=init_from)
     cfg = demo_config(config)
     if stage == "export":
         print(f"wrote {result} ({dir_size_mb(result):.1f} MB)")
@@ -472,7 +526,8 @@ def run_cli(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, confi
 def main(argv=None) -> int:
     a = parse_args(argv)
     try:
-        run_cli(a.stage, a.run_dir, a.steps, a.seed, a.batch, a.lr, a.log_every, a.ckpt_every, a.config, a.out)
+        run_cli(a.stage, a.run_dir, a.steps, a.seed, a.batch, a.lr, a.log_every, a.ckpt_every, a.config, a.out,
+                a.init_from)
     except LdmRtError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
