@@ -2,10 +2,12 @@
 
 Per image size (256/512 px) and dtype (fp16/bf16), at batch 2 (one image with CFG):
 
-- latency of one DiT call (the denoising step's model call), CUDA events, median and p90 over
-  --iters calls after --warmup, for
-  diffusers eager | diffusers torch.compile(mode="reduce-overhead") | ldm-rt torch backend |
-  ldm-rt triton backend (kernels + CUDA graphs; skipped with the reason when it cannot load);
+- latency, CUDA events, median and p90 over --iters calls after --warmup, of
+  diffusers' DiT call, eager and under torch.compile(mode="reduce-overhead") (CUDA graphs),
+  against ldm-rt's *whole* CFG denoising step (the DiT call, the guidance combination and the
+  DDIM update, as the pipeline runs it) on the torch backend (eager) and the triton backend
+  (kernels, the whole step replayed from one CUDA graph; skipped with the reason when it cannot
+  load). ldm-rt's rows do strictly more work than diffusers' rows, so the ratio is conservative;
 - images: diffusers' DiTPipeline and ldm-rt's Pipeline, 50 DDIM steps, the same weights, class
   and seed; PSNR of each dtype's image against the other implementation and against diffusers fp32.
 
@@ -40,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (smoke test)")
     p.add_argument("--dtypes", default="fp16,bf16", help="comma-separated: fp32, fp16, bf16")
     p.add_argument("--sizes", default="256,512", help="image sides in pixels, comma-separated")
-    p.add_argument("--batch", type=int, default=2, help="DiT batch (2 = one image with CFG)")
+    p.add_argument("--batch", type=int, default=2, help="DiT batch, even (2 = one image with CFG)")
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the image comparison (0: skip it)")
@@ -108,16 +110,15 @@ def bench_size(args, px: int, device: torch.device, results: list, images: list,
 
     import diffusers
 
-    from ldm_rt.backends import load_backend
     from ldm_rt.pipeline import Pipeline
-    from ldm_rt.precision import Precision
+    from ldm_rt.schedulers import scheduler_from_config
 
     hf, hf_vae, components = build(px, args.tiny, args.seed)
     latent = hf.config.sample_size
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(args.batch, 4, latent, latent, generator=g)
     t = torch.full((args.batch,), 500.0)
-    labels = torch.tensor([args.class_label, 1000] * (args.batch // 2) + [args.class_label] * (args.batch % 2))
+    labels = torch.tensor([args.class_label] * (args.batch // 2) + [1000] * (args.batch // 2))  # [cond; null]
 
     def record(impl, dtype_name, stats):
         row = {"px": px, "dtype": dtype_name, "impl": impl, "batch": args.batch, **stats}
@@ -128,6 +129,7 @@ def bench_size(args, px: int, device: torch.device, results: list, images: list,
     for dtype_name in args.dtypes.split(","):
         dtype = _dtype(dtype_name)
         xd, td, yd = x.to(device, dtype), t.to(device), labels.to(device)
+        images_in = x[: args.batch // 2].to(device)  # fp32 latents of the batch // 2 images (CFG doubles them)
         with torch.no_grad():
             model = copy.deepcopy(hf).to(device, dtype)
             record("diffusers eager", dtype_name,
@@ -143,15 +145,16 @@ def bench_size(args, px: int, device: torch.device, results: list, images: list,
             del model
             for backend in args.backends.split(","):
                 try:
-                    runtime = load_backend(backend, copy.deepcopy(components), device, Precision(dtype_name))
+                    pipe = Pipeline(copy.deepcopy(components), backend=backend, device=device, dtype=dtype_name)
                 except Exception as exc:
                     errors.append({"px": px, "dtype": dtype_name, "impl": f"ldm-rt {backend}", "error": str(exc)})
                     print(f"{px:>5} {dtype_name:>5} ldm-rt {backend:<25} skipped: {exc}", flush=True)
                     continue
-                fn = runtime.transformer
-                record(f"ldm-rt {backend}", dtype_name,
-                       time_calls(lambda: fn(xd, td, class_labels=yd), device, args.iters, args.warmup))
-                del runtime, fn
+                schedule = scheduler_from_config(pipe.scheduler, max(args.steps, 1))
+                step = pipe.class_step(schedule, 4.0, pipe.config.transformer.in_channels)
+                record(f"ldm-rt {backend} whole CFG step", dtype_name,
+                       time_calls(lambda: step(images_in, 0, yd), device, args.iters, args.warmup))
+                del pipe, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -195,6 +198,8 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     if device.type == "cpu" and "fp16" in args.dtypes.split(","):
         raise SystemExit("fp16 does not run on the CPU; pass --dtypes fp32 (or bf16) with --device cpu.")
+    if args.batch < 2 or args.batch % 2:
+        raise SystemExit(f"--batch {args.batch}: the DiT batch with CFG is twice the images; give an even number >= 2.")
     args.out.mkdir(parents=True, exist_ok=True)
     import diffusers
 
