@@ -251,6 +251,27 @@ def test_kernels_trace_as_single_nodes_under_torch_compile():
     assert "ldm_rt.layernorm_modulate" in code and "ldm_rt.attention" in code, code
 
 
+def test_kernels_export_as_one_named_node_each():
+    """torch.export of a block that calls every kernel: each is one `ldm_rt.<name>` node of the
+    exported graph (traced through the fakes; nothing is decomposed into aten ops)."""
+
+    class Block(torch.nn.Module):
+        def forward(self, x, y, shift, scale, q, mask, cos, sin):
+            h, out = kernels.gated_residual_layernorm_modulate(x, y, shift, shift, scale)
+            ungated = kernels.gated_residual_layernorm_modulate(h, y, None, shift, scale)[1]
+            return (kernels.layernorm_modulate(out + ungated, shift, scale), kernels.apply_rope(q, cos, sin),
+                    kernels.attention(q, q, q, key_padding_mask=mask), kernels.attention(q, q, q, cos=cos, sin=sin))
+
+    x, y, s = randn(2, 5, 64, seed=0), randn(2, 5, 64, seed=3), randn(2, 64, seed=1)
+    q, table = randn(2, 2, 5, 16, seed=2), randn(5, 8, seed=4)
+    program = torch.export.export(Block(), (x, y, s, s, q, padding_mask(2, 5, [5, 2]), table, table))
+    targets = sorted(str(n.target) for n in program.graph.nodes if n.op == "call_function"
+                     and str(n.target).startswith("ldm_rt."))
+    assert targets == ["ldm_rt.apply_rope.default", "ldm_rt.attention.default", "ldm_rt.attention.default",
+                       "ldm_rt.gated_residual_layernorm_modulate.default",
+                       "ldm_rt.gated_residual_layernorm_modulate.default", "ldm_rt.layernorm_modulate.default"], targets
+
+
 def test_missing_triton_is_one_sentence_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
     x = randn(1, 2, 8, seed=0)
