@@ -346,7 +346,7 @@ def _warm_start(config_name: str, seed: int, model_dir: Path, cache: dict,
     components = load_model_dir(model_dir)
     vae = components.vae.config
     if abs(vae.scaling_factor - cache["scaling_factor"]) > 1e-4 * cache["scaling_factor"] or \
-            abs(vae.shift_factor - cache["shift_factor"]) > 1e-4:
+            abs((vae.shift_factor or 0.0) - cache["shift_factor"]) > 1e-4:
         raise InputError(f"--init-from {model_dir} was trained on the latents of another VAE than this run dir's "
                          "(its latent scaling differs); copy that run's vae.pt, or start the DiT from scratch.")
     dit.load_state_dict({k: v.float() for k, v in components.transformer.state_dict().items()})
