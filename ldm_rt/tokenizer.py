@@ -231,6 +231,11 @@ class CLIPTokenizer:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True).replace(END_OF_WORD, " ").strip()
 
     @property
+    def vocab(self) -> dict[str, int]:
+        """token -> id, special tokens included."""
+        return self._tokenizer.get_vocab()
+
+    @property
     def vocab_size(self) -> int:
         """One more than the largest id this tokenizer can produce."""
         return max(self._tokenizer.get_vocab(with_added_tokens=True).values()) + 1

@@ -48,22 +48,29 @@ def accuracy(pipe):
     return result
 
 
-# The shipped model (4500 DiT steps on the 2-core CPU) measures colour 0.907, position 0.796,
-# shape 0.815: position is under the issue's 0.90. Strict: when a better-trained model lands
-# and passes, this xfail turns into a failure, and the marker must go.
-@pytest.mark.xfail(strict=True, reason="demo model below the position target (0.796 < 0.90); training continues")
+# The shipped model (10000 DiT steps on the 2-core CPU) measures colour 1.0, position 1.0,
+# shape 0.981 and two-object 1.0 (README, *Demo model*).
 def test_heldout_captions_meet_the_issue_targets(accuracy):
     assert accuracy["colour"] >= 0.90, accuracy
     assert accuracy["position"] >= 0.90, accuracy
     assert accuracy["shape"] >= 0.80, accuracy
 
 
-def test_heldout_captions_are_drawn_far_above_chance(accuracy):
-    """A regression floor for the shipped model, well above chance (colour 1/8, position 1/9,
-    shape 1/3) and a little under what it measures, so a broken pipeline or model fails."""
-    assert accuracy["colour"] >= 0.80, accuracy
-    assert accuracy["position"] >= 0.70, accuracy
-    assert accuracy["shape"] >= 0.70, accuracy
+def test_two_object_captions_meet_the_issue_aim(accuracy):
+    """Both colours present, each object's centroid in its own cell (the issue aims at 70%)."""
+    assert accuracy["two_object"] >= 0.70, accuracy
+
+
+def test_the_shipped_tokenizer_is_the_one_the_text_encoder_was_trained_with():
+    """The BPE build is not reproducible (ties), so export must ship the run's own tokenizer; a
+    rebuilt one once gave the word "at" another id than the text encoder had learned."""
+    from ldm_rt.tokenizer import CLIPTokenizer
+
+    run_tokenizer = DEMO_MODEL_DIR.parent / "checkpoints" / "demo" / "tokenizer"
+    if not run_tokenizer.is_dir():
+        pytest.skip("the training checkpoints are in the repository, not in the wheel")
+    shipped = load_model_dir(DEMO_MODEL_DIR).tokenizer
+    assert shipped.vocab == CLIPTokenizer.from_dir(run_tokenizer, shipped.max_length).vocab
 
 
 def test_ldm_rt_run_without_model_dir_draws_the_prompt(tmp_path):

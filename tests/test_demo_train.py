@@ -150,6 +150,33 @@ def test_warm_start_from_an_exported_model(vae_run, tmp_path):
         _run("dit", _copy_run(vae_run, tmp_path / "w4"), 5, init_from=other)
 
 
+def test_a_run_keeps_one_tokenizer_and_an_old_cache_renumbers_a_rebuilt_one(vae_run, tmp_path):
+    """BPE training breaks ties at random, so the tokenizer is built once per run dir and every
+    stage (dit, export) uses that one; a run dir from before, with only its latent cache, gets
+    a rebuilt tokenizer renumbered to the cached ids."""
+    from ldm_rt.errors import InputError
+    from ldm_rt.tokenizer import CLIPTokenizer
+
+    cfg = T.demo_config("tiny")
+    run_dir = _copy_run(vae_run, tmp_path / "run")
+    _run("dit", run_dir, 2)
+    kept = CLIPTokenizer.from_dir(run_dir / T.RUN_TOKENIZER, 32)
+    model = _run("export", run_dir, 0, out=tmp_path / "model")
+    assert CLIPTokenizer.from_dir(model / "tokenizer", 32).vocab == kept.vocab
+    cache = torch.load(run_dir / "latents.pt", weights_only=False)
+
+    vocab, merges = T._bpe_vocab_merges()
+    vocab["a</w>"], vocab["red</w>"] = vocab["red</w>"], vocab["a</w>"]  # a build with other ties ("a" is in every caption)
+    with pytest.raises(InputError, match="does not give the cached captions"):
+        T.check_tokenizer(CLIPTokenizer.from_vocab(vocab, merges, 32), cache, "test")
+    renumbered = CLIPTokenizer.from_vocab(T.renumber_to_cache(vocab, cache), merges, 32)
+    assert torch.equal(renumbered(cache["captions"]).input_ids, cache["input_ids"])
+
+    shutil.rmtree(run_dir / T.RUN_TOKENIZER)  # an old run dir: only the cache holds the ids
+    assert T.run_tokenizer(cfg, run_dir)(cache["captions"]).input_ids.equal(cache["input_ids"])
+    assert (run_dir / T.RUN_TOKENIZER / "tokenizer.json").is_file()
+
+
 def test_run_dir_pins_config_and_seed(tmp_path):
     from ldm_rt.errors import InputError
 

@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -54,6 +55,7 @@ from ldm_rt.tokenizer import BOS, END_OF_WORD, EOS, CLIPTokenizer, _CLIP_BYTE_RA
 STAGES = ("vae", "dit", "export")
 DEFAULT_OUT = Path(__file__).parent / "model"
 TRAINING_INFO = "training.json"  # written into an exported model dir: config, seed, DiT step
+RUN_TOKENIZER = "tokenizer"  # the run dir's tokenizer folder
 _DATA_SEED_BASE = 1_000_003  # the fixed dit dataset uses make_batch seeds from here on
 
 
@@ -65,7 +67,14 @@ def build_tokenizer(max_length: int) -> CLIPTokenizer:
     Ids 0..511 are the 256 byte symbols and their "</w>" forms (CLIP's order), so any text
     tokenises (unknown words fall back to bytes); then the trainer's merged symbols, which
     include every VOCABULARY word as one "word</w>" token; then bos and eos (pad = eos, as CLIP).
+
+    Not reproducible: the trainer breaks ties between equally frequent pairs at random, so two
+    builds may number some merged symbols differently. A run builds it once (`run_tokenizer`).
     """
+    return CLIPTokenizer.from_vocab(*_bpe_vocab_merges(), max_length)
+
+
+def _bpe_vocab_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
@@ -83,7 +92,48 @@ def build_tokenizer(max_length: int) -> CLIPTokenizer:
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return CLIPTokenizer.from_vocab(vocab, merges, max_length)
+    return vocab, merges
+
+
+def run_tokenizer(cfg: DemoConfig, run_dir: Path) -> CLIPTokenizer:
+    """The run's tokenizer, built once and kept in `run_dir/tokenizer/`, so the ids the text
+    encoder learns are the ids the exported model is given (`build_tokenizer` is not
+    reproducible). A run dir made before tokenizers were kept has only its latent cache: the
+    ids of a new build are then renumbered to the cached ones."""
+    max_length = cfg.text_encoder.max_position_embeddings
+    path = run_dir / RUN_TOKENIZER
+    if (path / "tokenizer.json").is_file():
+        return CLIPTokenizer.from_dir(path, max_length)
+    vocab, merges = _bpe_vocab_merges()
+    cache_path = run_dir / "latents.pt"
+    if cache_path.is_file():
+        vocab = renumber_to_cache(vocab, _load(cache_path))
+    tokenizer = CLIPTokenizer.from_vocab(vocab, merges, max_length)
+    tokenizer.save(path)
+    return tokenizer
+
+
+def renumber_to_cache(vocab: dict[str, int], cache: dict) -> dict[str, int]:
+    """`vocab` with each caption word's token moved to the id the cache's captions give it
+    (swapping ids with whatever token held that id). Each caption word is one token."""
+    wanted: dict[str, int] = {}
+    for caption, ids in zip(cache["captions"], cache["input_ids"].tolist()):
+        words = caption.split()
+        for word, i in zip(words, ids[1 : 1 + len(words)]):  # ids[0] is bos
+            wanted.setdefault(word + END_OF_WORD, i)
+    vocab = dict(vocab)
+    for token, i in wanted.items():
+        holder = next(t for t, j in vocab.items() if j == i)
+        vocab[holder], vocab[token] = vocab[token], i
+    return vocab
+
+
+def check_tokenizer(tokenizer: CLIPTokenizer, cache: dict, where: str) -> None:
+    """The tokenizer must give the cached captions their cached ids (what the text encoder learned)."""
+    n = min(512, len(cache["captions"]))
+    if not torch.equal(tokenizer(cache["captions"][:n]).input_ids, cache["input_ids"][:n]):
+        raise InputError(f"{where}: the tokenizer does not give the cached captions the ids the text encoder "
+                         "was trained on; use the run dir's tokenizer/ (see run_tokenizer).")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -330,7 +380,7 @@ def flow_matching_loss(dit: DiT, text_encoder: CLIPTextModel, x0, input_ids, mas
     return F.mse_loss(pred, noise - x0)
 
 
-def _warm_start(config_name: str, seed: int, model_dir: Path, cache: dict,
+def _warm_start(config_name: str, seed: int, model_dir: Path, cache: dict, tokenizer: CLIPTokenizer,
                 dit: DiT, text_encoder: CLIPTextModel) -> int:
     """Load an exported model's weights into `dit` and `text_encoder`; returns its DiT step."""
     from ldm_rt.model_dir import load_model_dir
@@ -349,6 +399,9 @@ def _warm_start(config_name: str, seed: int, model_dir: Path, cache: dict,
             abs((vae.shift_factor or 0.0) - cache["shift_factor"]) > 1e-4:
         raise InputError(f"--init-from {model_dir} was trained on the latents of another VAE than this run dir's "
                          "(its latent scaling differs); copy that run's vae.pt, or start the DiT from scratch.")
+    if components.tokenizer.vocab != tokenizer.vocab:
+        raise InputError(f"--init-from {model_dir} numbers its tokens differently from this run dir's tokenizer/; "
+                         "its text encoder would read other ids. Copy the tokenizer/ of the run that made it.")
     dit.load_state_dict({k: v.float() for k, v in components.transformer.state_dict().items()})
     text_encoder.load_state_dict({k: v.float() for k, v in components.text_encoder.state_dict().items()})
     return int(info["dit_step"])
@@ -358,8 +411,11 @@ def train_dit(cfg: DemoConfig, run_dir: Path, steps: int, seed: int, batch: int,
               ckpt_every: int, progress: bool, overfit: bool, init_from: Path | None = None,
               config_name: str = "demo") -> list[float]:
     ckpt_path = run_dir / "dit.pt"
-    tokenizer = build_tokenizer(cfg.text_encoder.max_position_embeddings)
+    if init_from is not None and not (run_dir / RUN_TOKENIZER).is_dir() and (Path(init_from) / "tokenizer").is_dir():
+        shutil.copytree(Path(init_from) / "tokenizer", run_dir / RUN_TOKENIZER)  # a warm start reads its model's ids
+    tokenizer = run_tokenizer(cfg, run_dir)
     cache = latent_cache(cfg, run_dir, tokenizer, progress)
+    check_tokenizer(tokenizer, cache, str(run_dir))
     empty = tokenizer([""])
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(cfg.text_encoder_config(tokenizer))
@@ -384,7 +440,7 @@ def train_dit(cfg: DemoConfig, run_dir: Path, steps: int, seed: int, batch: int,
         _set_rng_states(ck["rng"])
         state["step"], state["init_step"] = ck["step"], ck.get("init_step")
     elif init_from is not None:
-        state["step"] = state["init_step"] = _warm_start(config_name, seed, init_from, cache, dit, text_encoder)
+        state["step"] = state["init_step"] = _warm_start(config_name, seed, init_from, cache, tokenizer, dit, text_encoder)
         if ema is not None:  # the exported weights are the EMA's
             ema = {"dit." + k: v.detach().clone() for k, v in dit.named_parameters()}
             ema |= {"text_encoder." + k: v.detach().clone() for k, v in text_encoder.named_parameters()}
@@ -428,15 +484,14 @@ def train_dit(cfg: DemoConfig, run_dir: Path, steps: int, seed: int, batch: int,
 
 def export(cfg: DemoConfig, run_dir: Path, out: Path, use_ema: bool = True) -> Path:
     """Write the run's model as a standard model directory (fp16 weights, run defaults)."""
-    import shutil
-
     from ldm_rt.model_dir import Components, save_model_dir
 
     ckpt_path = run_dir / "dit.pt"
     if not ckpt_path.is_file():
         raise InputError(f"{ckpt_path} does not exist; run `--stage dit` with this --run-dir first.")
-    tokenizer = build_tokenizer(cfg.text_encoder.max_position_embeddings)
+    tokenizer = run_tokenizer(cfg, run_dir)
     cache = latent_cache(cfg, run_dir, tokenizer, progress=False)
+    check_tokenizer(tokenizer, cache, str(run_dir))
     ck = _load(ckpt_path)
     text_encoder = CLIPTextModel(cfg.text_encoder_config(tokenizer))
     dit = DiT(cfg.transformer)
