@@ -8,22 +8,15 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
+from cli_helpers import invoke
 from ldm_rt import bench
-from ldm_rt.cli import main
 
 CMD = ["bench", "--preset", "tiny", "--backends", "torch,onnxruntime,triton,tensorrt", "--resolutions", "32",
        "--iters", "2", "--warmup", "1", "--steps", "2"]
 
 
-def invoke(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +74,7 @@ def test_unavailable_backends_are_listed_as_skipped_with_the_reason(tiny_run):
     assert any("tensorrt" in line and "ldm-rt[tensorrt]" in line for line in table)
     assert any("triton" in line and "not meaningful" in line for line in table)
     for stage in bench.STAGES:
-        assert any(f"torch " in line and stage in line for line in output.splitlines())
+        assert any("torch " in line and stage in line for line in output.splitlines())
 
 
 def test_chart_is_a_real_png(tiny_run):

@@ -6,18 +6,11 @@ import sys
 import json
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from ldm_rt.cli import main
+from cli_helpers import invoke
 
 
-def invoke(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception  # a bug, not a user error: show it
-    return result
 
 
 def _copy(model_dir, tmp_path):

@@ -9,10 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from ldm_rt.cli import main
+from cli_helpers import invoke
 from ldm_rt.configs import PRESETS
 from ldm_rt.dit_checkpoints import to_diffusers, to_original
 from ldm_rt.model_dir import load_model_dir, random_components
@@ -47,12 +46,6 @@ def dit_pipeline_dir(tmp_path_factory):
     return root
 
 
-def invoke(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.0])

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
+from cli_helpers import invoke as cli
 from ldm_rt import parity
-from ldm_rt.cli import main
 from ldm_rt.errors import InputError, LdmRtError, MissingDependencyError, ModelDirError
 from ldm_rt.export.onnx_export import MANIFEST, MANIFEST_FORMAT, _spec_dict, export_model
 from ldm_rt.export.specs import COMPONENT_NAMES, component_specs
@@ -390,12 +389,6 @@ def test_build_engines_onnx_dir_errors(tmp_path, tiny):
 # -- CLI ---------------------------------------------------------------------------------------
 
 
-def cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def one_error_line(result) -> str:
