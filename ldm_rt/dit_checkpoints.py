@@ -27,6 +27,7 @@ import torch
 
 from ldm_rt.configs import DIT_DDIM_SCHEDULER, DiTConfig, VAEConfig, read_json
 from ldm_rt.errors import ConfigError, ModelDirError, WeightsError
+from ldm_rt.weights import key_problems, load_strict, read_safetensors
 
 DIFFUSERS_DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -34,21 +35,10 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIT_PIPELINE_DEFAULTS = {"steps": 50, "guidance": 4.0}
 # DiT paper sizes: hidden -> heads (the head count is not in an original state dict).
 _HEADS_BY_HIDDEN = {384: 6, 768: 12, 1024: 16, 1152: 16}
-_SHOW = 5
-
-
-def _listing(keys) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:_SHOW]) + (f" ... and {len(keys) - _SHOW} more" if len(keys) > _SHOW else "")
 
 
 def _check_keys(state_dict: dict, expected: set[str], what: str) -> None:
-    missing, unexpected = expected - set(state_dict), set(state_dict) - expected
-    problems = []
-    if missing:
-        problems.append(f"missing keys [{_listing(missing)}]")
-    if unexpected:
-        problems.append(f"unexpected keys [{_listing(unexpected)}]")
+    problems = key_problems(state_dict, expected)
     if problems:
         raise WeightsError(f"{what}: the state dict does not fit the config: {'; '.join(problems)}.")
 
@@ -289,7 +279,6 @@ def read_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 def load_vae_dir(vae_dir: Path):
     """A diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors)."""
     from ldm_rt.models.vae import AutoencoderKL
-    from ldm_rt.weights import load_strict, read_safetensors
 
     vae_dir = Path(vae_dir).expanduser()
     if (vae_dir / "vae" / "config.json").is_file():  # a whole model directory was given
@@ -305,7 +294,6 @@ def load_dit_pipeline_dir(root: Path, index: dict[str, Any]):
     """A diffusers `DiTPipeline` directory -> `Components` (converted on load; no text encoder)."""
     from ldm_rt.model_dir import Components, check_compatible
     from ldm_rt.models.dit import DiT
-    from ldm_rt.weights import load_strict, read_safetensors
 
     for name in ("transformer", "vae", "scheduler"):
         if not (root / name).is_dir():
@@ -327,7 +315,6 @@ def convert_original(checkpoint: str | Path, vae_dir: str | Path, out: str | Pat
     """`ldm-rt convert --from dit-original FILE --vae DIR --out DIR`: a standard ldm-rt model directory."""
     from ldm_rt.model_dir import Components, check_compatible, prepare_out_dir, save_model_dir
     from ldm_rt.models.dit import DiT
-    from ldm_rt.weights import load_strict
 
     state_dict = read_original_checkpoint(checkpoint)
     config = config_from_original(state_dict, num_heads)

@@ -16,9 +16,22 @@ from ldm_rt.errors import WeightsError
 _SHOW = 5  # keys listed in an error before "... and N more"
 
 
-def _listing(items: list[str]) -> str:
+def _listing(items) -> str:
+    items = sorted(items)
     shown = ", ".join(items[:_SHOW])
     return shown + (f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
+
+
+def key_problems(keys, expected) -> list[str]:
+    """What is wrong with a state dict's `keys` against the `expected` ones: the missing and the
+    unexpected keys, each as one phrase listing a few of them (empty when they match)."""
+    keys, expected = set(keys), set(expected)
+    problems = []
+    if expected - keys:
+        problems.append(f"missing keys [{_listing(expected - keys)}]")
+    if keys - expected:
+        problems.append(f"unexpected keys [{_listing(keys - expected)}]")
+    return problems
 
 
 def read_safetensors(path: Path, component: str) -> dict[str, torch.Tensor]:
@@ -50,18 +63,12 @@ def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], componen
     Non-persistent buffers are not expected in the file. Values are cast to the module's dtype.
     """
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
     mismatched = [
         f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in sorted(set(expected) & set(state_dict))
         if state_dict[k].shape != expected[k].shape
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys [{_listing(missing)}]")
-    if unexpected:
-        problems.append(f"unexpected keys [{_listing(unexpected)}]")
+    problems = key_problems(state_dict, expected)
     if mismatched:
         problems.append(f"shape mismatches [{_listing(mismatched)}]")
     if problems:
