@@ -18,9 +18,13 @@ Design:
   p v matmul on zeros; the split spends 10% (80 / 72). `head_dim_blocks` returns the split;
   the launcher's `pad_head_dim=True` forces the single padded block so bench/kernels.py can
   measure both. Not measured on a GPU yet.
-- Fused RoPE: a q or k tile is loaded, then loaded again with each pair's two elements swapped
-  (offset d ^ 1, a cache hit), and rotated in fp32: rot[d] = x[d] cos + (-1)^(d+1) x[d^1] sin.
-  The rotated tile is rounded to the input dtype before the matmul, as the reference rounds
+- Fused RoPE: a q or k tile is loaded, viewed as (rows, pairs, 2), split into the pairs' even
+  and odd elements and rotated in fp32 by (rows, pairs) cos/sin tiles, then joined back. An
+  earlier version loaded each tile a second time with the pair elements swapped (offset d ^ 1)
+  and cos/sin at full head width: on sm_90a the software pipeliner staged all four loads in
+  shared memory, 256 KiB at D = 128 (above the H100's 227 KiB: it could not launch) and 108 KiB
+  with register spills at D = 72; this one needs 192 and 68 KiB, without spills
+  (bench/compile_kernels.py). The rotated tile is rounded to the input dtype before the matmul, as the reference rounds
   `apply_rope`'s output; no rotated copy is written to memory. k is rotated once per query
   block that reads it (Nq / BLOCK_M times): elementwise work next to a BLOCK_M x BLOCK_N x D
   matmul, the issue's budget is < 10% over no RoPE (to be measured).
@@ -30,7 +34,9 @@ Design:
 - The output is allocated as a (B, Nq, H, D) buffer and returned as its (B, H, Nq, D)
   transposed view, so a model's `out.transpose(1, 2).flatten(2)` is a view, not a copy.
 - Block sizes (BLOCK_M, BLOCK_N, warps, stages) come from `_config`: the Triton fused-attention
-  tutorial's defaults for Hopper/Ampere, not tuned here.
+  tutorial's defaults for Hopper/Ampere in fp16/bf16, not tuned on a GPU; checked for spills and
+  shared memory on sm_90a by `bench/compile_kernels.py`, which runs the real compiler without
+  a GPU.
 """
 
 from __future__ import annotations
@@ -53,16 +59,21 @@ def _load_tile(base, rows, row_stride, row_ok, cols, col_stride, col_ok):
 
 @triton.jit
 def _load_rotated(base, rows, row_stride, row_ok, cols, col_stride, col_ok,
-                  cos_ptr, sin_ptr, scn, scd, ssn, ssd, ROPE: tl.constexpr):
-    """A q or k tile; with ROPE, rotated by the angles of its rows (positions) in fp32."""
+                  cos_ptr, sin_ptr, scn, scd, ssn, ssd,
+                  COL0: tl.constexpr, WIDTH: tl.constexpr, HALF_DIM: tl.constexpr, ROPE: tl.constexpr):
+    """A q or k tile of head-dim columns COL0 .. COL0 + WIDTH (`cols`); with ROPE, rotated by
+    the angles of its rows (positions) in fp32, pair by pair: the tile is viewed as
+    (rows, WIDTH / 2, 2), split into its even and odd halves, rotated by (rows, WIDTH / 2)
+    cos/sin tiles and joined back."""
     x = _load_tile(base, rows, row_stride, row_ok, cols, col_stride, col_ok)
     if ROPE:
-        partner = _load_tile(base, rows, row_stride, row_ok, cols ^ 1, col_stride, col_ok)  # x[d ^ 1]
-        pair = cols // 2
-        c = _load_tile(cos_ptr, rows, scn, row_ok, pair, scd, col_ok).to(tl.float32)
-        s = _load_tile(sin_ptr, rows, ssn, row_ok, pair, ssd, col_ok).to(tl.float32)
-        sign = tl.where(cols % 2 == 0, -1.0, 1.0)  # even d: x cos - x' sin; odd d: x cos + x' sin
-        x = (x.to(tl.float32) * c + sign[None, :] * partner.to(tl.float32) * s).to(x.dtype)
+        pairs = COL0 // 2 + tl.arange(0, WIDTH // 2)
+        pair_ok = pairs < HALF_DIM
+        c = _load_tile(cos_ptr, rows, scn, row_ok, pairs, scd, pair_ok).to(tl.float32)
+        s = _load_tile(sin_ptr, rows, ssn, row_ok, pairs, ssd, pair_ok).to(tl.float32)
+        even, odd = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], WIDTH // 2, 2)))  # x[2i], x[2i + 1]
+        rotated = tl.join(even * c - odd * s, even * s + odd * c)  # (rows, WIDTH / 2, 2)
+        x = tl.reshape(rotated, (x.shape[0], WIDTH)).to(x.dtype)
     return x
 
 
@@ -88,12 +99,14 @@ def _attention_kernel(
     m_ok = offs_m < NQ
     d0 = tl.arange(0, BLOCK_D0)
     d0_ok = d0 < HEAD_DIM
-    q0 = _load_rotated(q_base, offs_m, sqn, m_ok, d0, sqd, d0_ok, cos_ptr, sin_ptr, scn, scd, ssn, ssd, ROPE)
+    q0 = _load_rotated(q_base, offs_m, sqn, m_ok, d0, sqd, d0_ok, cos_ptr, sin_ptr, scn, scd, ssn, ssd,
+                       0, BLOCK_D0, HEAD_DIM // 2, ROPE)
     acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
     if BLOCK_D1 > 0:  # second head-dim chunk (e.g. channels 64..71 of 72, in a 16-wide block)
         d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
         d1_ok = d1 < HEAD_DIM
-        q1 = _load_rotated(q_base, offs_m, sqn, m_ok, d1, sqd, d1_ok, cos_ptr, sin_ptr, scn, scd, ssn, ssd, ROPE)
+        q1 = _load_rotated(q_base, offs_m, sqn, m_ok, d1, sqd, d1_ok, cos_ptr, sin_ptr, scn, scd, ssn, ssd,
+                           BLOCK_D0, BLOCK_D1, HEAD_DIM // 2, ROPE)
         acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max (log2 domain), finite: see docstring
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
@@ -101,10 +114,12 @@ def _attention_kernel(
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
-        k0 = _load_rotated(k_base, offs_n, skn, n_ok, d0, skd, d0_ok, cos_ptr, sin_ptr, scn, scd, ssn, ssd, ROPE)
+        k0 = _load_rotated(k_base, offs_n, skn, n_ok, d0, skd, d0_ok, cos_ptr, sin_ptr, scn, scd, ssn, ssd,
+                           0, BLOCK_D0, HEAD_DIM // 2, ROPE)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
         if BLOCK_D1 > 0:
-            k1 = _load_rotated(k_base, offs_n, skn, n_ok, d1, skd, d1_ok, cos_ptr, sin_ptr, scn, scd, ssn, ssd, ROPE)
+            k1 = _load_rotated(k_base, offs_n, skn, n_ok, d1, skd, d1_ok, cos_ptr, sin_ptr, scn, scd, ssn, ssd,
+                               BLOCK_D0, BLOCK_D1, HEAD_DIM // 2, ROPE)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
         valid = n_ok
         if HAS_MASK:
@@ -143,14 +158,30 @@ def head_dim_blocks(head_dim: int, pad: bool = False) -> tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-def _config(head_dim: int, dtype: torch.dtype, nq: int) -> dict:
-    """Block sizes and launch options (the Triton fused-attention tutorial's; untuned)."""
-    if dtype == torch.float32:  # IEEE fp32 dots: no tensor cores, smaller tiles
-        block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
+def _config(head_dim: int, dtype: torch.dtype, nq: int, rope: bool) -> dict:
+    """Block sizes and launch options. fp16/bf16: the Triton fused-attention tutorial's
+    defaults for Hopper/Ampere (not tuned on a GPU yet). Register and shared-memory figures are
+    ptxas's for sm_90a, from `python bench/compile_kernels.py --grid` (no GPU needed):
+    - fp16/bf16, 128 x 64 tiles, 8 warps past head dim 64: no spills at head dims 64, 72, 96 and
+      128; fused RoPE needs 68 KiB of shared memory at D = 72 and 192 KiB at 128 (of 227).
+    - Short query sets (Nq <= 64: a 16-64 row tile) take 4 warps and 32 keys per block: with 64
+      keys, D = 72 spilled 4-32 B at 2, 4 and 8 warps; with 32, no head dim spills.
+    - fp32 (IEEE dots on CUDA cores, no tensor cores; for parity more than speed): 64 x 32 tiles
+      with 8 warps do not spill at D <= 128 without RoPE (the tutorial's 4 warps spilled up to
+      16 KiB per thread at D = 128); 16-row tiles (Nq <= 16) take 4 warps. Fused RoPE in fp32
+      takes 16 x 16 tiles: no spills for head dims split into blocks of <= 64, 56-512 B per
+      thread where a block is 128 wide (D = 128, or a padded 72 / 96)."""
+    if dtype == torch.float32:
+        (block_m, block_n), num_stages = ((16, 16) if rope else (64, 32)), 2
     else:
-        block_m, block_n = 128, 64
-        num_warps, num_stages = (8 if head_dim > 64 else 4), 3
+        block_m, block_n, num_stages = 128, 64, 3
     block_m = min(block_m, max(16, triton.next_power_of_2(nq)))  # short query sets (e.g. Nq = 1)
+    if dtype == torch.float32:
+        num_warps = 8 if block_m == 64 else 4
+    elif block_m <= 64:
+        block_n, num_warps = 32, 4
+    else:
+        num_warps = 8 if head_dim > 64 else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -191,7 +222,7 @@ def attention(q, k, v, key_padding_mask=None, cos=None, sin=None, scale=None, pa
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     block_d0, block_d1 = head_dim_blocks(D, pad_head_dim)
-    cfg = _config(D, q.dtype, NQ)
+    cfg = _config(D, q.dtype, NQ, rope)
     # bool -> uint8 view (same bytes, no copy): a byte load is explicit in the kernel.
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
