@@ -201,11 +201,19 @@ def main(argv=None) -> dict:
     if args.batch < 2 or args.batch % 2:
         raise SystemExit(f"--batch {args.batch}: the DiT batch with CFG is twice the images; give an even number >= 2.")
     args.out.mkdir(parents=True, exist_ok=True)
-    import diffusers
-
     results, images, errors = [], [], []
     for px in (int(s) for s in args.sizes.split(",")):
         bench_size(args, px, device, results, images, errors)
+        report = write_report(args, argv, device, results, images, errors)  # after each size: a timeout keeps it
+    for s in report["speedup"]:
+        print(f"{s['px']:>5} {s['dtype']:>5} {s['impl']:<20} {s['speedup']:.2f}x vs {s['vs']}")
+    print(f"wrote {args.out / 'dit_diffusers.json'}")
+    return report
+
+
+def write_report(args, argv, device, results, images, errors) -> dict:
+    import diffusers
+
     speedups = []
     for row in results:  # ours vs diffusers compiled (else eager), same size and dtype
         if not row["impl"].startswith("ldm-rt"):
@@ -221,15 +229,19 @@ def main(argv=None) -> dict:
         "config": "tiny (2 blocks, 4 heads of 18)" if args.tiny else "DiT-XL/2 (28 blocks, 16 heads of 72)",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "cuda": torch.version.cuda,
-                     "python": platform.python_version()},
+                     "triton": _triton_version(), "python": platform.python_version()},
         "latency": results, "speedup": speedups, "images": images, "errors": errors,
     }
-    path = args.out / "dit_diffusers.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    for s in speedups:
-        print(f"{s['px']:>5} {s['dtype']:>5} {s['impl']:<20} {s['speedup']:.2f}x vs {s['vs']}")
-    print(f"wrote {path}")
+    (args.out / "dit_diffusers.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 if __name__ == "__main__":

@@ -210,6 +210,17 @@ def _nvidia_driver() -> str | None:
         return None
 
 
+def _cpu_model() -> str:
+    """The processor's model name ("AMD EPYC ..."), where the OS tells it; else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def device_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -222,7 +233,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
             "cuda_runtime": torch.version.cuda, "timing": "CUDA events around each call, after warm-up",
         }
     return {
-        "type": "cpu", "name": platform.processor() or platform.machine() or "cpu",
+        "type": "cpu", "name": _cpu_model(),
         "machine": platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "timing": "wall clock (time.perf_counter) around each call, after warm-up; CPU figures, not GPU",
     }

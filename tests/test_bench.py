@@ -77,6 +77,34 @@ def test_unavailable_backends_are_listed_as_skipped_with_the_reason(tiny_run):
         assert any("torch " in line and stage in line for line in output.splitlines())
 
 
+def _load_report():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_report", Path(__file__).parents[1] / "bench" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_renders_the_run_as_markdown(tiny_run, capsys):
+    """bench/report.py: the tables for RESULTS.md come from results.json, figures copied by a program."""
+    out, _, results = tiny_run
+    report = _load_report()
+    assert report.main([str(out / "results.json"), "--focus", "onnxruntime"]) == 0
+    text = capsys.readouterr().out
+    assert "**CPU: " in text and f"`{results['command']}`" in text
+    assert "| stage | torch ms | onnxruntime ms | onnxruntime vs torch | onnxruntime vs best compile |" in text
+    runs = {r["backend"]: r for r in results["runs"]}
+    for stage in bench.STAGES:
+        torch_ms, ort_ms = (runs[b]["stages"][stage] for b in ("torch", "onnxruntime"))
+        ratio = runs["onnxruntime"]["speedup"]["vs_torch_eager"][stage]
+        row = f"| {stage} | {report._ms(torch_ms)} | {report._ms(ort_ms)} | {ratio:.2f}x |  |"
+        assert row in text, row
+    assert "- skipped: tensorrt fp32 32 px: " in text and "- skipped: triton fp32 32 px: " in text
+    assert report.main([str(out / "missing.json")]) == 2
+
+
 def test_chart_is_a_real_png(tiny_run):
     out, output, _ = tiny_run
     path = out / bench.CHART_FILE

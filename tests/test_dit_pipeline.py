@@ -197,3 +197,13 @@ def test_bench_script_smoke_on_cpu(tmp_path):
     assert json.loads((tmp_path / "dit_diffusers.json").read_text()) == json.loads(json.dumps(report))
     assert [r["impl"] for r in report["latency"]] == ["diffusers eager", "ldm-rt torch whole CFG step"]
     assert report["images"][0]["psnr_torch_vs_diffusers"] >= 50
+    # bench/report.py renders it for RESULTS.md: latency rows with the speed-up, then the PSNRs
+    spec = importlib.util.spec_from_file_location("bench_report", path.parent / "report.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    text = render.report([tmp_path / "dit_diffusers.json"])
+    (ours,) = [r for r in report["latency"] if r["impl"].startswith("ldm-rt")]
+    (up,) = report["speedup"]
+    assert f"| 16 | fp32 | ldm-rt torch whole CFG step | {render._ms(ours)} | {up['speedup']:.2f}x vs diffusers eager |" in text
+    psnrs = [v for k, v in report["images"][0].items() if k.startswith("psnr_")]
+    assert "| 16 | fp32 | 1 | " + " | ".join(f"{v:.1f}" for v in psnrs) + " |" in text
