@@ -124,7 +124,7 @@ def parity(out: torch.Tensor, ref: torch.Tensor, dtype: str) -> str:
 # ----------------------------------------------------------------------------------- cases
 
 
-def bench_attention(args) -> list[dict]:
+def bench_attention(args, emit: Callable[[dict], None]) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from ldm_rt import kernels, ops
@@ -173,13 +173,13 @@ def bench_attention(args) -> list[dict]:
                     if name in checks:
                         row["parity"] = checks[name]
                     rows.append(row)
-                    print(_line(row), flush=True)
+                    emit(row)
                 del qkv
                 torch.cuda.empty_cache()
     return rows
 
 
-def bench_adaln(args) -> list[dict]:
+def bench_adaln(args, emit: Callable[[dict], None]) -> list[dict]:
     from ldm_rt import kernels, ops
 
     rows = []
@@ -223,11 +223,11 @@ def bench_adaln(args) -> list[dict]:
             if (op, name) in checks:
                 row["parity"] = checks[(op, name)]
             rows.append(row)
-            print(_line(row), flush=True)
+            emit(row)
     return _with_copy_fraction(rows)
 
 
-def bench_rope(args) -> list[dict]:
+def bench_rope(args, emit: Callable[[dict], None]) -> list[dict]:
     from ldm_rt import kernels, ops
 
     rows = []
@@ -254,7 +254,7 @@ def bench_rope(args) -> list[dict]:
             if name == "ours":
                 row["parity"] = check
             rows.append(row)
-            print(_line(row), flush=True)
+            emit(row)
     return _with_copy_fraction(rows)
 
 
@@ -315,10 +315,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']}", flush=True)
     ops_to_run = ["attention", "adaln", "rope"] if args.op == "all" else [args.op]
     benches = {"attention": bench_attention, "adaln": bench_adaln, "rope": bench_rope}
-    rows = [row for op in ops_to_run for row in benches[op](args)]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    (args.out / "kernels.md").write_text(markdown(rows, env))
+    rows: list[dict] = []
+
+    def save() -> None:  # after every row: a run cut short by a time limit keeps what it measured
+        (args.out / "kernels.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        (args.out / "kernels.md").write_text(markdown(rows, env))
+
+    def emit(row: dict) -> None:
+        print(_line(row), flush=True)
+        rows.append(row)
+        save()
+
+    for op in ops_to_run:
+        benches[op](args, emit)  # fills in each row's fraction of copy bandwidth once its op is done
+        save()
     print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.md'}")
     return 0
 
