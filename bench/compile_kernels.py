@@ -12,8 +12,10 @@ DiT at the preset's exact widths runs on the CPU under `ops.use` with the kernel
 each kernel's `kernel[grid](...)` is intercepted, so the launchers' own block sizes, warps,
 stages and argument types are what gets compiled, with nothing copied from them), then
 compiles each distinct launch with `triton.compile` for `GPUTarget("cuda", 90, 32)` and runs
-the `ptxas -v` Triton uses (its wheel bundles one) on the PTX. Reported per launch: shared memory (against the H100's
-227 KiB per block), registers per thread and spill bytes.
+the `ptxas -v` Triton uses (its wheel bundles one) on the PTX. Reported per launch: shared
+memory (against the H100's 227 KiB per block), registers per thread, spill bytes, and the
+global loads, stores and async copies in the PTX by width (`memory_ops`: 16-byte vectors or
+element by element).
 
 Exit status 1 when a launch cannot run on an H100 (a compile error, more shared memory than a
 block has, more than 255 registers); spills are reported as warnings. `compile_s` is the time
@@ -37,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -268,7 +271,16 @@ def compile_launch(launch: Launch, capability: int = 90) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     arch = re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"]).group(1)
     usage = ptxas_usage(compiled.asm["ptx"], arch, capability)
-    return dict(launch.describe(), arch=arch, shared_bytes=compiled.metadata.shared, **usage, compile_s=round(seconds, 2))
+    return dict(launch.describe(), arch=arch, shared_bytes=compiled.metadata.shared, **usage,
+                memory_ops=memory_ops(compiled.asm["ptx"]), compile_s=round(seconds, 2))
+
+
+def memory_ops(ptx: str) -> dict[str, int]:
+    """Global loads, stores and async copies in the PTX by kind, e.g. {"ld.global.v4.b32": 4,
+    "cp.async.cg.shared.global": 8}: the width shows whether rows move as 16-byte vectors
+    (v4.b32, cp.async.cg) or element by element (b16 for fp16)."""
+    found = re.findall(r"\b(ld\.global(?:\.[a-z]\w*)*|st\.global(?:\.[a-z]\w*)*|cp\.async\.c[ag]\.shared\.global)", ptx)
+    return dict(sorted(Counter(found).items()))
 
 
 def problems(row: dict[str, Any]) -> list[str]:

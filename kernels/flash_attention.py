@@ -51,26 +51,26 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_tile(base, rows, row_stride, row_ok, cols, col_stride, col_ok):
-    """(len(rows), len(cols)) tile at base + rows * row_stride + cols * col_stride, zeros where masked."""
-    ptrs = base + rows[:, None] * row_stride + cols[None, :] * col_stride
+def _load_tile(base, row_offs, row_ok, cols, col_stride, col_ok):
+    """(len(row_offs), len(cols)) tile at base + row_offs + cols * col_stride, zeros where masked."""
+    ptrs = base + row_offs[:, None] + cols[None, :] * col_stride
     return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
 
 @triton.jit
-def _load_rotated(base, rows, row_stride, row_ok, cols, col_stride, col_ok,
-                  cos_ptr, sin_ptr, scn, scd, ssn, ssd,
+def _load_rotated(base, row_offs, row_ok, cols, col_stride, col_ok,
+                  cos_ptr, sin_ptr, cos_rows, sin_rows, scd, ssd,
                   COL0: tl.constexpr, WIDTH: tl.constexpr, HALF_DIM: tl.constexpr, ROPE: tl.constexpr):
     """A q or k tile of head-dim columns COL0 .. COL0 + WIDTH (`cols`); with ROPE, rotated by
-    the angles of its rows (positions) in fp32, pair by pair: the tile is viewed as
-    (rows, WIDTH / 2, 2), split into its even and odd halves, rotated by (rows, WIDTH / 2)
-    cos/sin tiles and joined back."""
-    x = _load_tile(base, rows, row_stride, row_ok, cols, col_stride, col_ok)
+    the angles of its rows (positions; `cos_rows` / `sin_rows` are the rows' offsets in the
+    tables) in fp32, pair by pair: the tile is viewed as (rows, WIDTH / 2, 2), split into its
+    even and odd halves, rotated by (rows, WIDTH / 2) cos/sin tiles and joined back."""
+    x = _load_tile(base, row_offs, row_ok, cols, col_stride, col_ok)
     if ROPE:
         pairs = COL0 // 2 + tl.arange(0, WIDTH // 2)
         pair_ok = pairs < HALF_DIM
-        c = _load_tile(cos_ptr, rows, scn, row_ok, pairs, scd, pair_ok).to(tl.float32)
-        s = _load_tile(sin_ptr, rows, ssn, row_ok, pairs, ssd, pair_ok).to(tl.float32)
+        c = _load_tile(cos_ptr, cos_rows, row_ok, pairs, scd, pair_ok).to(tl.float32)
+        s = _load_tile(sin_ptr, sin_rows, row_ok, pairs, ssd, pair_ok).to(tl.float32)
         even, odd = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], WIDTH // 2, 2)))  # x[2i], x[2i + 1]
         rotated = tl.join(even * c - odd * s, even * s + odd * c)  # (rows, WIDTH / 2, 2)
         x = tl.reshape(rotated, (x.shape[0], WIDTH)).to(x.dtype)
@@ -86,7 +86,17 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr, TABLE_ALIGN: tl.constexpr,
 ):
+    # The batch, head and row strides of q, k, v and out arrive divided by ALIGN, those of the
+    # RoPE tables by TABLE_ALIGN (see `aligned_elements`). Multiplied back by the constant, they
+    # tell the compiler that every row starts on a 16-byte boundary, so rows load and store as
+    # 16-byte vectors. (tl.multiple_of on an argument or a scalar did not reach the loads.)
+    sqb, sqh, sqn = sqb * ALIGN, sqh * ALIGN, sqn * ALIGN
+    skb, skh, skn = skb * ALIGN, skh * ALIGN, skn * ALIGN
+    svb, svh, svn = svb * ALIGN, svh * ALIGN, svn * ALIGN
+    sob, soh, son = sob * ALIGN, soh * ALIGN, son * ALIGN
+    scn, ssn = scn * TABLE_ALIGN, ssn * TABLE_ALIGN
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -97,15 +107,17 @@ def _attention_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < NQ
+    q_rows = offs_m * sqn
+    qc_rows, qs_rows = offs_m * scn, offs_m * ssn  # rows of q's RoPE angles in the tables
     d0 = tl.arange(0, BLOCK_D0)
     d0_ok = d0 < HEAD_DIM
-    q0 = _load_rotated(q_base, offs_m, sqn, m_ok, d0, sqd, d0_ok, cos_ptr, sin_ptr, scn, scd, ssn, ssd,
+    q0 = _load_rotated(q_base, q_rows, m_ok, d0, sqd, d0_ok, cos_ptr, sin_ptr, qc_rows, qs_rows, scd, ssd,
                        0, BLOCK_D0, HEAD_DIM // 2, ROPE)
     acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
     if BLOCK_D1 > 0:  # second head-dim chunk (e.g. channels 64..71 of 72, in a 16-wide block)
         d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
         d1_ok = d1 < HEAD_DIM
-        q1 = _load_rotated(q_base, offs_m, sqn, m_ok, d1, sqd, d1_ok, cos_ptr, sin_ptr, scn, scd, ssn, ssd,
+        q1 = _load_rotated(q_base, q_rows, m_ok, d1, sqd, d1_ok, cos_ptr, sin_ptr, qc_rows, qs_rows, scd, ssd,
                            BLOCK_D0, BLOCK_D1, HEAD_DIM // 2, ROPE)
         acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max (log2 domain), finite: see docstring
@@ -114,11 +126,13 @@ def _attention_kernel(
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
-        k0 = _load_rotated(k_base, offs_n, skn, n_ok, d0, skd, d0_ok, cos_ptr, sin_ptr, scn, scd, ssn, ssd,
+        k_rows, v_rows = offs_n * skn, offs_n * svn
+        kc_rows, ks_rows = offs_n * scn, offs_n * ssn
+        k0 = _load_rotated(k_base, k_rows, n_ok, d0, skd, d0_ok, cos_ptr, sin_ptr, kc_rows, ks_rows, scd, ssd,
                            0, BLOCK_D0, HEAD_DIM // 2, ROPE)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
         if BLOCK_D1 > 0:
-            k1 = _load_rotated(k_base, offs_n, skn, n_ok, d1, skd, d1_ok, cos_ptr, sin_ptr, scn, scd, ssn, ssd,
+            k1 = _load_rotated(k_base, k_rows, n_ok, d1, skd, d1_ok, cos_ptr, sin_ptr, kc_rows, ks_rows, scd, ssd,
                                BLOCK_D0, BLOCK_D1, HEAD_DIM // 2, ROPE)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
         valid = n_ok
@@ -130,10 +144,10 @@ def _attention_kernel(
         alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v0 = _load_tile(v_base, offs_n, svn, n_ok, d0, svd, d0_ok)
+        v0 = _load_tile(v_base, v_rows, n_ok, d0, svd, d0_ok)
         acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=DOT_PRECISION)
         if BLOCK_D1 > 0:
-            v1 = _load_tile(v_base, offs_n, svn, n_ok, d1, svd, d1_ok)
+            v1 = _load_tile(v_base, v_rows, n_ok, d1, svd, d1_ok)
             acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -185,6 +199,26 @@ def _config(head_dim: int, dtype: torch.dtype, nq: int, rope: bool) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
+def aligned_elements(*tensors: torch.Tensor) -> int:
+    """The kernel's ALIGN: the largest power of two p, with p elements at most 16 bytes, such that
+    every tensor's data pointer and every stride but the last are multiples of p elements. Then
+    each row of the last dimension starts on a p-element boundary. The launcher passes those
+    strides divided by p and the kernel multiplies them back by the constant p, which is how the
+    compiler learns it.
+
+    Triton's JIT only learns that an integer argument is divisible by 16. DiT-XL's q, k and v
+    are views of one qkv projection with a head stride of 72 elements, so nothing told the
+    compiler that a head's rows start 16-byte aligned: every q/k/v load was 2 bytes wide and
+    none was an asynchronous copy (ld.global.b16 in the sm_90a PTX). With ALIGN = 8 they are
+    16-byte loads and cp.async copies, and the fused-RoPE launch went from 255 registers to 193
+    (bench/compile_kernels.py; speed not measured yet)."""
+    p = 16 // max(t.element_size() for t in tensors)
+    while p > 1 and any(t.data_ptr() % (p * t.element_size()) or any(st % p for st in t.stride()[:-1])
+                        for t in tensors):
+        p //= 2
+    return p
+
+
 def attention(q, k, v, key_padding_mask=None, cos=None, sin=None, scale=None, pad_head_dim: bool = False):
     """Launcher. q (B, H, Nq, D), k/v (B, H, Nk, D), each with any strides; key_padding_mask
     (B, Nk) bool, any strides; cos/sin (Nq, D/2), any strides, fp32 or q's dtype (needs Nq = Nk).
@@ -227,16 +261,23 @@ def attention(q, k, v, key_padding_mask=None, cos=None, sin=None, scale=None, pa
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
     cos_, sin_ = (cos, sin) if rope else (q, q)
-    table_strides = (*cos.stride(), *sin.stride()) if rope else (0, 0, 0, 0)
+    align = aligned_elements(q, k, v, out)
+    table_align = aligned_elements(cos, sin) if rope else 1
+
+    def strides(t, p):  # batch/head/row strides in units of p elements (the kernel multiplies back), then d's
+        return *(st // p for st in t.stride()[:-1]), t.stride(-1)
+
+    table_strides = (*strides(cos, table_align), *strides(sin, table_align)) if rope else (0, 0, 0, 0)
     grid = (triton.cdiv(NQ, cfg["BLOCK_M"]), B * H)
     _attention_kernel[grid](
         q, k, v, mask, cos_, sin_, out,
         H, NQ, NK, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(),
-        *mask_strides, *table_strides, *out.stride(),
+        *strides(q, align), *strides(k, align), *strides(v, align),
+        *mask_strides, *table_strides, *strides(out, align),
         HEAD_DIM=D, BLOCK_D0=block_d0, BLOCK_D1=block_d1,
         HAS_MASK=key_padding_mask is not None, ROPE=rope,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ALIGN=align, TABLE_ALIGN=table_align,
         **cfg,
     )
     return out

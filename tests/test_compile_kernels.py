@@ -46,6 +46,13 @@ def test_backend_launches_compile_for_hopper_within_limits(report):
         assert "error" not in row and row["problems"] == [], row
         assert row["arch"] == "sm_90a" and 0 < row["shared_bytes"] <= 232448 and 0 < row["registers"] <= 255
         assert row["spill_stores"] == row["spill_loads"] == 0
+        if row["kernel"].endswith("_attention_kernel"):
+            # q, k, v, out move as 16-byte vectors and async copies, never element by element
+            # (DiT-XL's head stride of 72 hid their alignment from the compiler until the
+            # launcher told it: kernels/flash_attention.py, aligned_elements)
+            ops = row["memory_ops"]
+            assert "ld.global.b16" not in ops and "st.global.b16" not in ops, (row["label"], ops)
+            assert ops.get("cp.async.cg.shared.global", 0) > 0 and ops.get("st.global.v4.b32", 0) > 0, ops
 
 
 def test_every_kind_of_launch_the_backend_makes_is_checked(report):

@@ -178,6 +178,37 @@ def test_attention_reads_strided_inputs(dtype):
     check(out, reference_attention(q, k, v, key_padding_mask=mask, cos=cos, sin=sin), dtype)
 
 
+def test_alignment_is_what_the_tensors_allow():
+    """The launcher tells the kernel how many elements every row start is a multiple of (16 bytes
+    at most); it must never claim more than the pointers and strides give."""
+    from ldm_rt.kernels.flash_attention import aligned_elements
+
+    qkv = torch.zeros(2, 100, 3, 16, 72, dtype=FP16)  # DiT-XL: head stride 72, row stride 3456
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    assert aligned_elements(q, k, v) == 8  # 16 bytes
+    assert aligned_elements(q.float(), k.float()) == 4  # 16 bytes of fp32
+    assert aligned_elements(torch.zeros(2, 3, 5, 36, dtype=FP16)) == 4  # rows of 36 elements
+    wide = torch.zeros(2, 3, 5, 80, dtype=FP16)
+    assert aligned_elements(wide[..., 1:73]) == 1  # starts one element past an aligned pointer
+    assert aligned_elements(wide[..., 2:74]) == 2
+    assert aligned_elements(q, wide[..., 1:73]) == 1  # the least aligned tensor decides
+
+
+@pytest.mark.parametrize("offset", [1, 2, 4])
+def test_attention_reads_rows_at_any_alignment(offset):
+    """Views that start 1, 2 or 4 elements past an aligned pointer (ALIGN 1, 2, 4): the strides
+    the launcher divides by ALIGN and the kernel multiplies back must address the same rows."""
+    from ldm_rt.kernels.flash_attention import aligned_elements
+
+    b, h, n, d = 3, 2, 77, 72
+    wide = randn(b, h, n, d + 8, seed=11, dtype=FP16)
+    q, k, v = (wide[..., offset:offset + d] for _ in range(3))
+    k = k.flip(2)  # another order of the same rows, so k differs from q
+    assert aligned_elements(q, k, v) == offset
+    cos, sin = (t.to(DEVICE) for t in ops.rope_freqs(1, n, (d // 2, d // 2)))
+    check(kernels.attention(q, k, v, cos=cos, sin=sin), reference_attention(q, k, v, cos=cos, sin=sin), FP16)
+
+
 def test_head_dim_split_and_padding_agree():
     """72 runs as 64 + 16 (8 masked); forcing one padded 128 block gives the same result."""
     from ldm_rt.kernels.flash_attention import attention as launch, head_dim_blocks
