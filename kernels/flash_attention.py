@@ -23,8 +23,8 @@ Design:
   earlier version loaded each tile a second time with the pair elements swapped (offset d ^ 1)
   and cos/sin at full head width: on sm_90a the software pipeliner staged all four loads in
   shared memory, 256 KiB at D = 128 (above the H100's 227 KiB: it could not launch) and 108 KiB
-  with register spills at D = 72; this one needs 192 and 68 KiB, without spills
-  (bench/compile_kernels.py). The rotated tile is rounded to the input dtype before the matmul, as the reference rounds
+  with register spills at D = 72; this one needs 192 and 118 KiB, without spills
+  (bench/compile_kernels.py, with the alignment hints of `aligned_elements`). The rotated tile is rounded to the input dtype before the matmul, as the reference rounds
   `apply_rope`'s output; no rotated copy is written to memory. k is rotated once per query
   block that reads it (Nq / BLOCK_M times): elementwise work next to a BLOCK_M x BLOCK_N x D
   matmul, the issue's budget is < 10% over no RoPE (to be measured).
@@ -177,14 +177,15 @@ def _config(head_dim: int, dtype: torch.dtype, nq: int, rope: bool) -> dict:
     defaults for Hopper/Ampere (not tuned on a GPU yet). Register and shared-memory figures are
     ptxas's for sm_90a, from `python bench/compile_kernels.py --grid` (no GPU needed):
     - fp16/bf16, 128 x 64 tiles, 8 warps past head dim 64: no spills at head dims 64, 72, 96 and
-      128; fused RoPE needs 68 KiB of shared memory at D = 72 and 192 KiB at 128 (of 227).
+      128; D = 72 needs 80 KiB of shared memory, 118 with fused RoPE; D = 128 with fused RoPE
+      192 KiB (of 227).
     - Short query sets (Nq <= 64: a 16-64 row tile) take 4 warps and 32 keys per block: with 64
       keys, D = 72 spilled 4-32 B at 2, 4 and 8 warps; with 32, no head dim spills.
     - fp32 (IEEE dots on CUDA cores, no tensor cores; for parity more than speed): 64 x 32 tiles
-      with 8 warps do not spill at D <= 128 without RoPE (the tutorial's 4 warps spilled up to
-      16 KiB per thread at D = 128); 16-row tiles (Nq <= 16) take 4 warps. Fused RoPE in fp32
-      takes 16 x 16 tiles: no spills for head dims split into blocks of <= 64, 56-512 B per
-      thread where a block is 128 wide (D = 128, or a padded 72 / 96)."""
+      with 8 warps spill at most 40 B per thread at D <= 128 without RoPE (the tutorial's 4
+      warps spilled up to 16 KiB at D = 128); 16-row tiles (Nq <= 16) take 4 warps. Fused RoPE
+      in fp32 takes 16 x 16 tiles: no spills for head dims split into blocks of <= 64, up to
+      324 B per thread where a block is 128 wide (D = 128, or a padded 72 / 96)."""
     if dtype == torch.float32:
         (block_m, block_n), num_stages = ((16, 16) if rope else (64, 32)), 2
     else:
