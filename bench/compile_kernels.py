@@ -45,7 +45,6 @@ from typing import Any, Iterator
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 HOPPER_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB, opt-in)
 MAX_REGISTERS = 255  # per thread
 TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8",

@@ -24,10 +24,11 @@ Design:
   and cos/sin at full head width: on sm_90a the software pipeliner staged all four loads in
   shared memory, 256 KiB at D = 128 (above the H100's 227 KiB: it could not launch) and 108 KiB
   with register spills at D = 72; this one needs 192 and 118 KiB, without spills
-  (bench/compile_kernels.py, with the alignment hints of `aligned_elements`). The rotated tile is rounded to the input dtype before the matmul, as the reference rounds
-  `apply_rope`'s output; no rotated copy is written to memory. k is rotated once per query
-  block that reads it (Nq / BLOCK_M times): elementwise work next to a BLOCK_M x BLOCK_N x D
-  matmul, the issue's budget is < 10% over no RoPE (to be measured).
+  (bench/compile_kernels.py, with the alignment of `aligned_elements`). The rotated tile is
+  rounded to the input dtype before the matmul, as the reference rounds `apply_rope`'s output;
+  no rotated copy is written to memory. k is rotated once per query block that reads it
+  (Nq / BLOCK_M times): elementwise work next to a BLOCK_M x BLOCK_N x D matmul, the issue's
+  budget is < 10% over no RoPE (to be measured).
 - fp32 inputs use IEEE fp32 dots (not TF32) so they meet the fp32 op tolerance; fp16/bf16 use
   tensor cores with fp32 accumulation; probabilities are rounded to v's dtype for p @ v, as in
   FlashAttention.
@@ -89,26 +90,21 @@ def _attention_kernel(
     ALIGN: tl.constexpr, TABLE_ALIGN: tl.constexpr,
 ):
     # The batch, head and row strides of q, k, v and out arrive divided by ALIGN, those of the
-    # RoPE tables by TABLE_ALIGN (see `aligned_elements`). Multiplied back by the constant, they
-    # tell the compiler that every row starts on a 16-byte boundary, so rows load and store as
-    # 16-byte vectors. (tl.multiple_of on an argument or a scalar did not reach the loads.)
-    sqb, sqh, sqn = sqb * ALIGN, sqh * ALIGN, sqn * ALIGN
-    skb, skh, skn = skb * ALIGN, skh * ALIGN, skn * ALIGN
-    svb, svh, svn = svb * ALIGN, svh * ALIGN, svn * ALIGN
-    sob, soh, son = sob * ALIGN, soh * ALIGN, son * ALIGN
-    scn, ssn = scn * TABLE_ALIGN, ssn * TABLE_ALIGN
+    # RoPE tables by TABLE_ALIGN (see `aligned_elements`). Each offset is multiplied back by the
+    # constant, which tells the compiler that every row starts on a 16-byte boundary, so rows
+    # load and store as 16-byte vectors (tl.multiple_of on an argument did not reach the loads).
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    q_base = q_ptr + b * sqb + h * sqh
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
+    q_base = q_ptr + (b * sqb + h * sqh) * ALIGN
+    k_base = k_ptr + (b * skb + h * skh) * ALIGN
+    v_base = v_ptr + (b * svb + h * svh) * ALIGN
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < NQ
-    q_rows = offs_m * sqn
-    qc_rows, qs_rows = offs_m * scn, offs_m * ssn  # rows of q's RoPE angles in the tables
+    q_rows = offs_m * sqn * ALIGN
+    qc_rows, qs_rows = offs_m * scn * TABLE_ALIGN, offs_m * ssn * TABLE_ALIGN  # q's rows in the RoPE tables
     d0 = tl.arange(0, BLOCK_D0)
     d0_ok = d0 < HEAD_DIM
     q0 = _load_rotated(q_base, q_rows, m_ok, d0, sqd, d0_ok, cos_ptr, sin_ptr, qc_rows, qs_rows, scd, ssd,
@@ -126,8 +122,8 @@ def _attention_kernel(
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
-        k_rows, v_rows = offs_n * skn, offs_n * svn
-        kc_rows, ks_rows = offs_n * scn, offs_n * ssn
+        k_rows, v_rows = offs_n * skn * ALIGN, offs_n * svn * ALIGN
+        kc_rows, ks_rows = offs_n * scn * TABLE_ALIGN, offs_n * ssn * TABLE_ALIGN
         k0 = _load_rotated(k_base, k_rows, n_ok, d0, skd, d0_ok, cos_ptr, sin_ptr, kc_rows, ks_rows, scd, ssd,
                            0, BLOCK_D0, HEAD_DIM // 2, ROPE)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
@@ -152,8 +148,8 @@ def _attention_kernel(
         m_i = m_new
 
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)  # a row with no valid key: acc = 0 -> zeros
-    o_base = out_ptr + b * sob + h * soh
-    o_rows = offs_m[:, None] * son
+    o_base = out_ptr + (b * sob + h * soh) * ALIGN
+    o_rows = offs_m[:, None] * son * ALIGN
     tl.store(o_base + o_rows + d0[None, :] * sod, (acc0 * inv_l[:, None]).to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & d0_ok[None, :])
     if BLOCK_D1 > 0:
@@ -182,10 +178,10 @@ def _config(head_dim: int, dtype: torch.dtype, nq: int, rope: bool) -> dict:
     - Short query sets (Nq <= 64: a 16-64 row tile) take 4 warps and 32 keys per block: with 64
       keys, D = 72 spilled 4-32 B at 2, 4 and 8 warps; with 32, no head dim spills.
     - fp32 (IEEE dots on CUDA cores, no tensor cores; for parity more than speed): 64 x 32 tiles
-      with 8 warps spill at most 40 B per thread at D <= 128 without RoPE (the tutorial's 4
+      with 8 warps spill at most 32 B per thread at D <= 128 without RoPE (the tutorial's 4
       warps spilled up to 16 KiB at D = 128); 16-row tiles (Nq <= 16) take 4 warps. Fused RoPE
       in fp32 takes 16 x 16 tiles: no spills for head dims split into blocks of <= 64, up to
-      324 B per thread where a block is 128 wide (D = 128, or a padded 72 / 96)."""
+      316 B per thread where a block is 128 wide (D = 128, or a padded 72 / 96)."""
     if dtype == torch.float32:
         (block_m, block_n), num_stages = ((16, 16) if rope else (64, 32)), 2
     else:
@@ -204,14 +200,14 @@ def aligned_elements(*tensors: torch.Tensor) -> int:
     """The kernel's ALIGN: the largest power of two p, with p elements at most 16 bytes, such that
     every tensor's data pointer and every stride but the last are multiples of p elements. Then
     each row of the last dimension starts on a p-element boundary. The launcher passes those
-    strides divided by p and the kernel multiplies them back by the constant p, which is how the
-    compiler learns it.
+    strides divided by p and the kernel multiplies each offset back by the constant p, which is
+    how the compiler learns it.
 
     Triton's JIT only learns that an integer argument is divisible by 16. DiT-XL's q, k and v
     are views of one qkv projection with a head stride of 72 elements, so nothing told the
     compiler that a head's rows start 16-byte aligned: every q/k/v load was 2 bytes wide and
     none was an asynchronous copy (ld.global.b16 in the sm_90a PTX). With ALIGN = 8 they are
-    16-byte loads and cp.async copies, and the fused-RoPE launch went from 255 registers to 193
+    16-byte loads and cp.async copies, and the fused-RoPE launch went from 255 registers to 185
     (bench/compile_kernels.py; speed not measured yet)."""
     p = 16 // max(t.element_size() for t in tensors)
     while p > 1 and any(t.data_ptr() % (p * t.element_size()) or any(st % p for st in t.stride()[:-1])
