@@ -25,7 +25,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="/tmp/site:$PWD"
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || { echo "install failed"; exit 1; }
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null; then
+    # e.g. a setuptools there older than the >= 77 pyproject.toml needs: import from an assembled
+    # tree instead (kernels/ and export/ install as ldm_rt.kernels and ldm_rt.export)
+    echo "pip install -e . failed; importing ldm_rt from /tmp/src"
+    rm -rf /tmp/src && mkdir -p /tmp/src && cp -r ldm_rt /tmp/src/ \
+        && ln -s "$PWD/kernels" /tmp/src/ldm_rt/kernels && ln -s "$PWD/export" /tmp/src/ldm_rt/export \
+        && export PYTHONPATH="/tmp/src:/tmp/site" || { echo "install failed"; exit 1; }
+fi
+python3 -c "import ldm_rt.kernels, ldm_rt.export" || { echo "ldm_rt does not import"; exit 1; }
 # `ldm-rt` without relying on the console script's folder being on PATH there.
 ldm_rt() { python3 -c 'import sys; from ldm_rt.cli import main; sys.exit(main())' "$@"; }
 bench_dit() {  # bench_dit NAME PRESET PX BACKENDS

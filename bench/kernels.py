@@ -34,7 +34,6 @@ from typing import Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -300,7 +299,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: bench/kernels.py times CUDA kernels and this machine has no CUDA GPU; run it on a GPU machine.")
-    sys.path.insert(0, str(ROOT))
     from ldm_rt.errors import MissingDependencyError, require
 
     try:
