@@ -192,7 +192,7 @@ def backend_launches(presets: list[str], resolutions: list[int], dtypes: list[st
 
 def norm_and_rope_grid(dtypes: list[str], widths: list[int]) -> list[Launch]:
     """adaLN launches at every row width up to the kernel's MAX_D (both ops, gated or not), and
-    the standalone RoPE kernel at head dims 64 and 72 (bench/kernels.py times it)."""
+    the standalone RoPE kernel at head dims 64 and 72 (bench/kernel_bench.py times it)."""
     from ldm_rt.kernels import adaln, rope
 
     launches: list[Launch] = []
@@ -211,7 +211,7 @@ def norm_and_rope_grid(dtypes: list[str], widths: list[int]) -> list[Launch]:
 
 def attention_grid(dtypes: list[str], head_dims: list[int], seqs: list[int]) -> list[Launch]:
     """Attention launches beyond the backend's: every head dim the kernel promises, fp32 too,
-    split and padded head dim (bench/kernels.py measures both), self-attention with fused RoPE
+    split and padded head dim (bench/kernel_bench.py measures both), self-attention with fused RoPE
     (fp32 tables) and cross-attention to 77 padded text keys."""
     from ldm_rt.kernels import flash_attention
 

@@ -61,9 +61,9 @@ case "$part" in
     step 20 env 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"'
     step 20 ldm-rt-env 'ldm_rt env'
     step 150 pytest-gpu 'python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests'
-    step 200 kernels-attention 'python3 bench/kernels.py attention --out bench/results/kernels-attention'
-    step 80 kernels-adaln 'python3 bench/kernels.py adaln --out bench/results/kernels-adaln'
-    step 60 kernels-rope 'python3 bench/kernels.py rope --out bench/results/kernels-rope'
+    step 200 kernels-attention 'python3 bench/kernel_bench.py attention --out bench/results/kernels-attention'
+    step 80 kernels-adaln 'python3 bench/kernel_bench.py adaln --out bench/results/kernels-adaln'
+    step 60 kernels-rope 'python3 bench/kernel_bench.py rope --out bench/results/kernels-rope'
     ;;
 2)  # 240 + 300 = 540 s at most
     step 240 bench-256 "bench_dit dit-xl-2-256 dit-xl-2 256 $all"

@@ -7,7 +7,7 @@ copied by a program, not by hand.
 Per `ldm-rt bench` file: the device line (GPU or CPU, driver, versions, the exact command), then
 one table per resolution and dtype with each stage's median (p90) ms per backend, the ratio of
 the chosen backend against torch eager and against the best torch.compile mode, and below it
-the one-time costs (load, first call of each stage) and peak GPU memory. bench/kernels.py
+the one-time costs (load, first call of each stage) and peak GPU memory. bench/kernel_bench.py
 writes its own kernels.md. Skipped backends are listed with their reasons.
 """
 

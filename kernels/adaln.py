@@ -16,7 +16,7 @@ Triton layer-norm tutorial uses). That covers every DiT/Flux width (1152 ... 307
 the issue asks for. BLOCK_N (rows per program) makes a tile of ~4096 elements, so small widths
 do not launch one tiny program per row, and the shift/scale vectors are loaded once per tile.
 num_warps grows with the tile (4096 elements -> 8 warps, 16 fp32 values per thread).
-None of these choices has been measured on a GPU yet (bench/kernels.py adaln).
+None of these choices has been measured on a GPU yet (bench/kernel_bench.py adaln).
 """
 
 from __future__ import annotations

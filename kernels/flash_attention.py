@@ -16,7 +16,7 @@ Design:
   (the last 8 of 16 masked), 64 + 32 for 96, one block for 64 and 128. `tl.dot` needs
   power-of-two tiles with K >= 16, so padding 72 to 128 would spend 44% of every q k^T and
   p v matmul on zeros; the split spends 10% (80 / 72). `head_dim_blocks` returns the split;
-  the launcher's `pad_head_dim=True` forces the single padded block so bench/kernels.py can
+  the launcher's `pad_head_dim=True` forces the single padded block so bench/kernel_bench.py can
   measure both. Not measured on a GPU yet.
 - Fused RoPE: a q or k tile is loaded, viewed as (rows, pairs, 2), split into the pairs' even
   and odd elements and rotated in fp32 by (rows, pairs) cos/sin tiles, then joined back. An

@@ -1,7 +1,18 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# `python -m pytest` puts the working directory on sys.path. At the repository root that makes the
+# source folders kernels/ and export/ (installed as ldm_rt.kernels and ldm_rt.export) importable as
+# top-level `kernels` and `export`, shadowing PyPI packages of those names: transformers (5.25)
+# depends on Hugging Face's `kernels` and imports it while diffusers loads, and would get ours.
+# ldm_rt itself comes from the installed (editable) package, so the root is not needed.
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT]
 
 # Without a GPU the Triton kernels run in Triton's CPU interpreter. Triton reads this variable
 # when a kernel is defined (`@triton.jit`, at the import of kernels/<op>.py, which ldm_rt.kernels

@@ -76,3 +76,24 @@ print(json.dumps([m for m in heavy if m in sys.modules]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_source_folders_do_not_shadow_top_level_packages():
+    """Under `python -m pytest` at the root, kernels/ and export/ must not be importable as
+    `kernels`/`export` (conftest drops the root from sys.path): transformers imports Hugging
+    Face's `kernels` package while diffusers loads, and our folder would stand in for it."""
+    import importlib.util
+
+    for name in ("kernels", "export"):
+        spec = importlib.util.find_spec(name)
+        assert spec is None or ROOT not in Path(spec.origin or "").resolve().parents, (name, spec.origin)
+
+
+def test_bench_scripts_shadow_no_installed_module():
+    """`python bench/X.py` puts bench/ first on sys.path, so a script named like an installed
+    module (bench/kernels.py was: transformers' `kernels`) breaks every import of that module."""
+    import importlib.util
+
+    clashes = {p.name: importlib.util.find_spec(p.stem).origin
+               for p in (ROOT / "bench").glob("*.py") if importlib.util.find_spec(p.stem) is not None}
+    assert not clashes, clashes

@@ -1,9 +1,9 @@
 """Kernel micro-benchmarks for issue 5: our Triton kernels against PyTorch baselines, same run.
 
-    python bench/kernels.py attention --out bench/results/kernels-h100   # TFLOP/s
-    python bench/kernels.py adaln --out ...                              # GB/s
-    python bench/kernels.py rope --out ...                               # GB/s
-    python bench/kernels.py all --out ...
+    python bench/kernel_bench.py attention --out bench/results/kernels-h100   # TFLOP/s
+    python bench/kernel_bench.py adaln --out ...                              # GB/s
+    python bench/kernel_bench.py rope --out ...                               # GB/s
+    python bench/kernel_bench.py all --out ...
 
 - attention, B=2, fp16/bf16, H x D = 16x72, 8x128, 24x64, N = 256/1024/4096: ours (split head
   dim; with fused RoPE; with the head dim padded to a power of two, where it differs), SDPA
@@ -298,17 +298,17 @@ def markdown(rows: list[dict], env: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("error: bench/kernels.py times CUDA kernels and this machine has no CUDA GPU; run it on a GPU machine.")
+        raise SystemExit("error: bench/kernel_bench.py times CUDA kernels and this machine has no CUDA GPU; run it on a GPU machine.")
     from ldm_rt.errors import MissingDependencyError, require
 
     try:
-        triton = require("triton", "triton", "bench/kernels.py")
+        triton = require("triton", "triton", "bench/kernel_bench.py")
     except MissingDependencyError as exc:
         raise SystemExit(f"error: {exc}") from None
     env = {
         "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda, "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(["python", "bench/kernels.py", *(argv or sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(["python", "bench/kernel_bench.py", *(argv or sys.argv[1:])]),
     }
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']}", flush=True)
     ops_to_run = ["attention", "adaln", "rope"] if args.op == "all" else [args.op]

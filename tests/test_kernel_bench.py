@@ -1,4 +1,4 @@
-"""bench/kernels.py: argument parsing, and the one-sentence refusal without CUDA (the timing
+"""bench/kernel_bench.py: argument parsing, and the one-sentence refusal without CUDA (the timing
 itself needs a GPU and is never run in tests)."""
 
 import importlib.util
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-PATH = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+PATH = Path(__file__).resolve().parents[1] / "bench" / "kernel_bench.py"
 
 
 @pytest.fixture(scope="module")
