@@ -93,11 +93,14 @@ def build(px: int, tiny: bool, seed: int):
 
 
 def time_calls(fn, device: torch.device, iters: int, warmup: int) -> dict:
-    """Per-call milliseconds (median, p90, min): CUDA events on CUDA, perf_counter on the CPU; the
-    helper `ldm-rt bench` uses too (ldm_rt/bench.py)."""
-    from ldm_rt.bench import time_calls as shared
+    """Per-call milliseconds (median, p90, min) of `iters` calls after `warmup`, CUDA events on
+    CUDA, perf_counter on the CPU, and `first_call_ms`: the first call, timed on its own before
+    those (torch.compile's compile, Triton JIT, CUDA-graph capture). The helper `ldm-rt bench`
+    uses too (ldm_rt/bench.py)."""
+    from ldm_rt.bench import measure_stage
 
-    return shared(fn, device, iters, warmup)
+    first, stats = measure_stage(fn, device, warmup, iters)
+    return {**stats, "first_call_ms": first}
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -123,8 +126,8 @@ def bench_size(args, px: int, device: torch.device, results: list, images: list,
     def record(impl, dtype_name, stats):
         row = {"px": px, "dtype": dtype_name, "impl": impl, "batch": args.batch, **stats}
         results.append(row)
-        print(f"{px:>5} {dtype_name:>5} {impl:<32} median {stats['median_ms']:8.3f} ms  p90 {stats['p90_ms']:8.3f} ms",
-              flush=True)
+        print(f"{px:>5} {dtype_name:>5} {impl:<32} median {stats['median_ms']:8.3f} ms  p90 {stats['p90_ms']:8.3f} ms"
+              f"  first call {stats['first_call_ms']:9.1f} ms", flush=True)
 
     for dtype_name in args.dtypes.split(","):
         dtype = _dtype(dtype_name)

@@ -344,8 +344,13 @@ def make_pipeline(backend: str, components, device: torch.device, dtype: str):
     """A Pipeline for `backend` on a private copy of `components`; raises _Skip or LdmRtError."""
     from ldm_rt.pipeline import Pipeline
 
+    from ldm_rt.backends import check_backend
+    from ldm_rt.precision import Precision
+
     if backend == "triton" and device.type == "cpu":
         raise _Skip(TRITON_CPU_REASON)
+    if backend in ("onnxruntime", "tensorrt", "triton"):  # refused before the copy (seconds at DiT-XL/2 size)
+        check_backend(backend, device, Precision.parse(dtype))
     parts = copy.deepcopy(components)  # backends move and cast modules in place
     if backend in ("torch", "triton", "onnxruntime", "tensorrt"):
         return Pipeline(parts, backend=backend, device=device, dtype=dtype)

@@ -204,3 +204,21 @@ def test_diffusers_baselines_hold_our_weights():
     with torch.no_grad():
         ours_states, _ = text.text_encoder(ids)
         torch.testing.assert_close(hf(input_ids=ids).last_hidden_state, ours_states, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend, dtype, reason", [
+    ("tensorrt", "fp32", "tensorrt"),  # not installed here (or, with it, no GPU)
+    ("onnxruntime", "bf16", "cannot run bf16 graphs"),
+])
+def test_backends_refused_before_the_model_is_copied(backend, dtype, reason, monkeypatch):
+    """A DiT-XL/2 copy takes seconds: a backend that cannot run is refused before `make_pipeline` copies."""
+    from ldm_rt.model_dir import random_components
+    from ldm_rt.configs import ModelConfig
+    from ldm_rt.errors import LdmRtError
+
+    components = random_components(ModelConfig.from_name("tiny"), 0)
+    copies = []
+    monkeypatch.setattr(bench.copy, "deepcopy", lambda x: copies.append(x) or x)
+    with pytest.raises(LdmRtError, match=reason):
+        bench.make_pipeline(backend, components, torch.device("cpu"), dtype)
+    assert copies == []

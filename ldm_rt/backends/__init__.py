@@ -51,16 +51,37 @@ class Runtime:
 ONNX_DIR_BACKENDS = ("onnxruntime",)
 
 
+def check_backend(name: str, device: torch.device, precision: Precision) -> None:
+    """Raise (MissingDependencyError, InputError) when backend `name` cannot run on `device` in
+    `precision` here, from cheap checks only: no export, no copy of the model. `load_backend`
+    starts with it; `ldm-rt bench` calls it before copying a model for a backend."""
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    dependency = BACKENDS[name]
+    if dependency is not None:
+        module, extra = dependency
+        require(module, extra, f"the {name} backend")
+    if name == "onnxruntime":
+        from ldm_rt.backends.onnxruntime_backend import check
+
+        check(device, precision)
+    elif name == "triton":
+        from ldm_rt.backends.triton_backend import check_device
+
+        check_device(device, precision)
+    elif name == "tensorrt":
+        from ldm_rt.backends.tensorrt_backend import check
+
+        check(device)
+
+
 def load_backend(name: str, components, device: torch.device, precision: Precision, onnx_dir=None) -> Runtime:
     """`onnx_dir`: run this export directory's graphs instead of exporting into the cache."""
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")
     if onnx_dir is not None and name not in ONNX_DIR_BACKENDS:
         raise InputError(f"--onnx-dir applies to --backend {' or '.join(ONNX_DIR_BACKENDS)}, not {name}.")
-    dependency = BACKENDS[name]
-    if dependency is not None:
-        module, extra = dependency
-        require(module, extra, f"the {name} backend")
+    check_backend(name, device, precision)
     if name == "torch":
         from ldm_rt.backends.torch_backend import load
 

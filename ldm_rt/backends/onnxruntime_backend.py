@@ -160,13 +160,9 @@ def providers_for(device: torch.device) -> list:
     return ["CPUExecutionProvider"]
 
 
-def load(components, device: torch.device, precision: Precision, onnx_dir: str | Path | None = None) -> Runtime:
-    """The three graphs as backend callables: from `onnx_dir` when given (checked against the
-    model by `open_onnx_dir`), else exported on first use into the cache."""
-    from ldm_rt.export.onnx_dir import open_onnx_dir
-    from ldm_rt.export.onnx_export import component_digests, export_model
-    from ldm_rt.export.specs import COMPONENT_NAMES, component_specs
-
+def check(device: torch.device, precision: Precision) -> list:
+    """Raise an InputError unless onnxruntime can run `precision` graphs on `device` here (no
+    export, no copy of the model: `ldm-rt bench` asks before it copies one); its providers."""
     if precision not in RUNNABLE:
         # onnxruntime 1.32's CPU provider has no bfloat16 kernels for Conv, Add, MatMul...: a bf16
         # graph fails at session creation (NOT_IMPLEMENTED), so refuse it up front.
@@ -175,7 +171,17 @@ def load(components, device: torch.device, precision: Precision, onnx_dir: str |
             f"{precision.value} kernels for most of their ops); pass --dtype fp32 or fp16, or build a "
             "TensorRT engine from a bf16 export."
         )
-    providers = providers_for(device)
+    return providers_for(device)
+
+
+def load(components, device: torch.device, precision: Precision, onnx_dir: str | Path | None = None) -> Runtime:
+    """The three graphs as backend callables: from `onnx_dir` when given (checked against the
+    model by `open_onnx_dir`), else exported on first use into the cache."""
+    from ldm_rt.export.onnx_dir import open_onnx_dir
+    from ldm_rt.export.onnx_export import component_digests, export_model
+    from ldm_rt.export.specs import COMPONENT_NAMES, component_specs
+
+    providers = check(device, precision)
     digests = component_digests(components)  # hash the weights once for the cache key and the export
     specs = component_specs(components.config, precision.value)
     names = [n for n in COMPONENT_NAMES if n in specs]  # a class-conditional DiT has no text encoder

@@ -151,18 +151,26 @@ def engine_dir(components, digests: dict[str, str]) -> Path:
     return cache_dir(components, "fp32", digests)
 
 
-def load(components, device: torch.device, precision: Precision) -> Runtime:
-    from ldm_rt.backends.onnxruntime_backend import _VAE, _TextEncoder, _Transformer
-    from ldm_rt.export.onnx_export import component_digests, export_model
-    from ldm_rt.export.specs import COMPONENT_NAMES, component_specs
-    from ldm_rt.export.tensorrt import Geometry, build_engines, current_system, profile_points
+def check(device: torch.device):
+    """Raise unless TensorRT engines can be built and run on `device` here (tensorrt installed, a
+    CUDA GPU); the system's facts. Cheap: `ldm-rt bench` asks before it copies the model."""
+    from ldm_rt.export.tensorrt import current_system
 
     if device.type != "cuda":
         raise InputError(
             f"the tensorrt backend runs on an NVIDIA GPU (--device cuda), not on {device}; "
             "use --backend onnxruntime or torch there."
         )
-    system = current_system(device.index)  # tensorrt and CUDA present, before any export work
+    return current_system(device.index)
+
+
+def load(components, device: torch.device, precision: Precision) -> Runtime:
+    from ldm_rt.backends.onnxruntime_backend import _VAE, _TextEncoder, _Transformer
+    from ldm_rt.export.onnx_export import component_digests, export_model
+    from ldm_rt.export.specs import COMPONENT_NAMES, component_specs
+    from ldm_rt.export.tensorrt import Geometry, build_engines, profile_points
+
+    system = check(device)  # tensorrt and CUDA present, before any export work
     digests = component_digests(components)
     out = engine_dir(components, digests)
     export_model(components, out, COMPONENT_NAMES, dtype="fp32", digests=digests)
