@@ -3,6 +3,7 @@ copied by a program, not by hand.
 
     python bench/report.py bench/results/dit-xl-2-256/results.json ...    # `ldm-rt bench` output
     python bench/report.py bench/results/dit-diffusers/dit_diffusers.json  # bench/dit_diffusers.py
+    python bench/report.py bench/results/profile-512/profile.json          # bench/profile_step.py
 
 Per `ldm-rt bench` file: the device line (GPU or CPU, driver, versions, the exact command), then
 one table per resolution and dtype with each stage's median (p90) ms per backend, the ratio of
@@ -93,11 +94,13 @@ def dit_diffusers_tables(data: dict) -> list[str]:
     v = data["versions"]
     lines = [f"**{data['device']}**, " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + f"; {data['config']}.",
              f"Command: `python bench/dit_diffusers.py {' '.join(data['argv'])}`", "",
-             "| px | dtype | implementation | median (p90) ms | speed-up |", "| --- | --- | --- | --- | --- |"]
+             "| px | dtype | implementation | median (p90) ms | speed-up | first call s |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for row in data["latency"]:
         ups = [f"{s['speedup']:.2f}x vs {s['vs']}" for s in data["speedup"]
                if (s["px"], s["dtype"], s["impl"]) == (row["px"], row["dtype"], row["impl"])]
-        lines.append(f"| {row['px']} | {row['dtype']} | {row['impl']} | {_ms(row)} | {ups[0] if ups else ''} |")
+        first = f"{row['first_call_ms'] / 1000:.2f}" if "first_call_ms" in row else ""
+        lines.append(f"| {row['px']} | {row['dtype']} | {row['impl']} | {_ms(row)} | {ups[0] if ups else ''} | {first} |")
     if data["images"]:
         keys = [k for k in data["images"][0] if k.startswith("psnr_")]
         lines += ["", "| px | dtype | steps | " + " | ".join(k[5:] + " dB" for k in keys) + " |",
@@ -110,6 +113,27 @@ def dit_diffusers_tables(data: dict) -> list[str]:
     return lines + [""]
 
 
+def profile_tables(data: dict, top: int = 5) -> list[str]:
+    """bench/profile_step.py's JSON: per backend, milliseconds per step by kernel class, then the top kernels."""
+    ok = {name: b for name, b in data["backends"].items() if "skipped" not in b}
+    classes = list(dict.fromkeys(c for b in ok.values() for c in b["ms_per_step_by_class"]))
+    v = data["versions"]
+    lines = [f"**{data['device']}**, torch {v.get('torch')}, triton {v.get('triton')}; {data['model']}, "
+             f"{data['resolution']} px, {data['dtype']}, {data['iters']} steps recorded.",
+             f"Command: `{data['command']}`", "",
+             "| backend | ms per step | " + " | ".join(classes) + " |", "| --- | --- |" + " --- |" * len(classes)]
+    for name, b in ok.items():
+        lines.append(f"| {name} | {b['ms_per_step']:.3f} | "
+                     + " | ".join(f"{b['ms_per_step_by_class'].get(c, 0.0):.3f}" for c in classes) + " |")
+    for name, b in data["backends"].items():
+        if "skipped" in b:
+            lines.append(f"- skipped: {name}: {b['skipped']}")
+            continue
+        lines.append(f"- {name}, top kernels: " + "; ".join(
+            f"`{k['name'][:60]}` {k['ms_per_step']:.3f} ms ({k['class']})" for k in b["top"][:top]))
+    return lines + [""]
+
+
 def report(paths: list[Path], focus: str = "triton") -> str:
     out = []
     for path in paths:
@@ -117,6 +141,8 @@ def report(paths: list[Path], focus: str = "triton") -> str:
         out += [f"### {path}", ""]
         if "runs" in data and "settings" in data:
             out += bench_tables(data, focus)
+        elif "backends" in data and "resolution" in data:
+            out += profile_tables(data)
         else:
             out += dit_diffusers_tables(data)
     return "\n".join(out)
@@ -124,7 +150,7 @@ def report(paths: list[Path], focus: str = "triton") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("files", type=Path, nargs="+", help="results.json / dit_diffusers.json files")
+    p.add_argument("files", type=Path, nargs="+", help="results.json / dit_diffusers.json / profile.json files")
     p.add_argument("--focus", default="triton", help="the backend whose ratios get columns (default: triton)")
     args = p.parse_args(argv)
     missing = [str(f) for f in args.files if not f.is_file()]
