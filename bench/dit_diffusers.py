@@ -109,6 +109,8 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def bench_size(args, px: int, device: torch.device, results: list, images: list, errors: list) -> None:
+    """Per dtype: one GPU copy of diffusers' DiT and one ldm-rt Pipeline per backend, timed, then
+    (with --steps) the same copies draw the images, so each DiT-XL/2 copy is made once."""
     import copy
 
     import diffusers
@@ -122,6 +124,7 @@ def bench_size(args, px: int, device: torch.device, results: list, images: list,
     x = torch.randn(args.batch, 4, latent, latent, generator=g)
     t = torch.full((args.batch,), 500.0)
     labels = torch.tensor([args.class_label] * (args.batch // 2) + [1000] * (args.batch // 2))  # [cond; null]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
     def record(impl, dtype_name, stats):
         row = {"px": px, "dtype": dtype_name, "impl": impl, "batch": args.batch, **stats}
@@ -129,10 +132,28 @@ def bench_size(args, px: int, device: torch.device, results: list, images: list,
         print(f"{px:>5} {dtype_name:>5} {impl:<32} median {stats['median_ms']:8.3f} ms  p90 {stats['p90_ms']:8.3f} ms"
               f"  first call {stats['first_call_ms']:9.1f} ms", flush=True)
 
+    # Images: 50 DDIM steps, diffusers DiTPipeline vs ldm-rt Pipeline, same weights, class, seed.
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon",
+                                        clip_sample=False)
+
+    def diffusers_image(model, dtype_name):
+        pipe = diffusers.DiTPipeline(transformer=model, vae=copy.deepcopy(hf_vae), scheduler=scheduler)
+        pipe.to(device, _dtype(dtype_name))
+        out = pipe(class_labels=[args.class_label], guidance_scale=4.0, num_inference_steps=args.steps,
+                   generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np").images[0]
+        return (out * 255).round().astype(np.uint8)
+
+    reference = None
+    if args.steps > 0:
+        reference = diffusers_image(copy.deepcopy(hf), "fp32")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     for dtype_name in args.dtypes.split(","):
         dtype = _dtype(dtype_name)
         xd, td, yd = x.to(device, dtype), t.to(device), labels.to(device)
         images_in = x[: args.batch // 2].to(device)  # fp32 latents of the batch // 2 images (CFG doubles them)
+        pipes = {}
         with torch.no_grad():
             model = copy.deepcopy(hf).to(device, dtype)
             record("diffusers eager", dtype_name,
@@ -145,53 +166,41 @@ def bench_size(args, px: int, device: torch.device, results: list, images: list,
                                       args.warmup))
                 except Exception as exc:  # recorded, not fatal: the other rows still count
                     errors.append({"px": px, "dtype": dtype_name, "impl": "diffusers compile", "error": repr(exc)})
-            del model
-            for backend in args.backends.split(","):
+                compiled = None
+            for backend in backends:
                 try:
                     pipe = Pipeline(copy.deepcopy(components), backend=backend, device=device, dtype=dtype_name)
                 except Exception as exc:
                     errors.append({"px": px, "dtype": dtype_name, "impl": f"ldm-rt {backend}", "error": str(exc)})
                     print(f"{px:>5} {dtype_name:>5} ldm-rt {backend:<25} skipped: {exc}", flush=True)
                     continue
+                pipes[backend] = pipe
                 schedule = scheduler_from_config(pipe.scheduler, max(args.steps, 1))
                 step = pipe.class_step(schedule, 4.0, pipe.config.transformer.in_channels)
                 record(f"ldm-rt {backend} whole CFG step", dtype_name,
                        time_calls(lambda: step(images_in, 0, yd), device, args.iters, args.warmup))
-                del pipe, step
+                del step
+
+        if args.steps > 0:
+            theirs = reference if dtype_name == "fp32" else diffusers_image(model, dtype_name)
+            row = {"px": px, "dtype": dtype_name, "steps": args.steps,
+                   "psnr_diffusers_vs_diffusers_fp32": _psnr(theirs, reference)}
+            for backend, pipe in pipes.items():
+                try:
+                    ours = np.asarray(pipe.generate(args.class_label, guidance=4.0, steps=args.steps,
+                                                    seed=args.seed).images[0])
+                except Exception as exc:
+                    errors.append({"px": px, "dtype": dtype_name, "impl": f"ldm-rt {backend} image",
+                                   "error": str(exc)})
+                    continue
+                row[f"psnr_{backend}_vs_diffusers"] = _psnr(ours, theirs)
+                row[f"psnr_{backend}_vs_diffusers_fp32"] = _psnr(ours, reference)
+            images.append(row)
+            print(f"{px:>5} {dtype_name:>5} PSNR " + ", ".join(f"{k[5:]} {v:.1f} dB" for k, v in row.items()
+                                                              if k.startswith("psnr_")), flush=True)
+        del model, pipes
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-    if args.steps <= 0:
-        return
-    # Images: 50 DDIM steps, diffusers DiTPipeline vs ldm-rt Pipeline, same weights, class, seed.
-    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon",
-                                        clip_sample=False)
-
-    def diffusers_image(dtype_name):
-        pipe = diffusers.DiTPipeline(transformer=copy.deepcopy(hf), vae=copy.deepcopy(hf_vae), scheduler=scheduler)
-        pipe.to(device, _dtype(dtype_name))
-        out = pipe(class_labels=[args.class_label], guidance_scale=4.0, num_inference_steps=args.steps,
-                   generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np").images[0]
-        return (out * 255).round().astype(np.uint8)
-
-    reference = diffusers_image("fp32")
-    for dtype_name in args.dtypes.split(","):
-        theirs = reference if dtype_name == "fp32" else diffusers_image(dtype_name)
-        row = {"px": px, "dtype": dtype_name, "steps": args.steps,
-               "psnr_diffusers_vs_diffusers_fp32": _psnr(theirs, reference)}
-        for backend in args.backends.split(","):
-            try:
-                pipe = Pipeline(copy.deepcopy(components), backend=backend, device=device, dtype=dtype_name)
-                ours = np.asarray(pipe.generate(args.class_label, guidance=4.0, steps=args.steps,
-                                                seed=args.seed).images[0])
-            except Exception as exc:
-                errors.append({"px": px, "dtype": dtype_name, "impl": f"ldm-rt {backend} image", "error": str(exc)})
-                continue
-            row[f"psnr_{backend}_vs_diffusers"] = _psnr(ours, theirs)
-            row[f"psnr_{backend}_vs_diffusers_fp32"] = _psnr(ours, reference)
-        images.append(row)
-        print(f"{px:>5} {dtype_name:>5} PSNR " + ", ".join(f"{k[5:]} {v:.1f} dB" for k, v in row.items()
-                                                          if k.startswith("psnr_")), flush=True)
 
 
 def main(argv=None) -> dict:
