@@ -31,7 +31,7 @@ DRY_RUN="${DRY_RUN:-0}"
 WARM_LIMIT="${WARM_LIMIT:-240}"  # seconds each warm-up process may take
 WARM_KEEP="${WARM_KEEP:-300}"    # seconds of the deadline kept for the timed steps: warm-ups are stopped then
 out="${OUT:-/tmp/out}"
-state=/tmp/ldm_rt_gpu
+state="${GPU_SESSION_STATE:-/tmp/ldm_rt_gpu}"  # which steps finished, across the calls on one machine
 mkdir -p "$out" "$state" bench/results logs
 touch "$state/done"
 call=$(( $(cat "$state/calls" 2>/dev/null || echo 0) + 1 ))
