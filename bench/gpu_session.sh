@@ -54,7 +54,7 @@ all=torch,compile,triton,onnxruntime,tensorrt,diffusers
 command_of() {  # the shell command of a step
     case "$1" in
     env) echo 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"; ldm_rt env' ;;
-    pytest-gpu) echo 'python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests' ;;
+    pytest-gpu) echo 'python3 -m pytest -m gpu -v -rs --tb=short --durations=10 -p no:cacheprovider tests' ;;
     kernels-attention) echo 'python3 bench/kernel_bench.py attention --out bench/results/kernels-attention' ;;
     kernels-adaln) echo 'python3 bench/kernel_bench.py adaln --out bench/results/kernels-adaln' ;;
     kernels-rope) echo 'python3 bench/kernel_bench.py rope --out bench/results/kernels-rope' ;;
