@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench_scripts import load_bench_script
 from cli_helpers import invoke
 from ldm_rt import bench
 
@@ -78,13 +79,7 @@ def test_unavailable_backends_are_listed_as_skipped_with_the_reason(tiny_run):
 
 
 def _load_report():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_report", Path(__file__).parents[1] / "bench" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("report")
 
 
 def test_report_renders_the_run_as_markdown(tiny_run, capsys):

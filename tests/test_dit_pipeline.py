@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench_scripts import load_bench_script
 from cli_helpers import invoke
 from ldm_rt.configs import PRESETS
 from ldm_rt.dit_checkpoints import to_diffusers, to_original
@@ -184,13 +185,7 @@ def test_class_model_export_and_onnxruntime(dit_pipeline_dir, tmp_path):
 def test_bench_script_smoke_on_cpu(tmp_path):
     """bench/dit_diffusers.py (a GPU benchmark) parses its arguments and runs end to end on the CPU
     with the tiny config; its numbers mean nothing here, only that it runs and writes its JSON."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "bench" / "dit_diffusers.py"
-    spec = importlib.util.spec_from_file_location("dit_diffusers_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench_script("dit_diffusers")
     assert bench.parse_args(["--out", "x"]).dtypes == "fp16,bf16"
     report = bench.main(["--tiny", "--device", "cpu", "--dtypes", "fp32", "--sizes", "16", "--iters", "1",
                          "--warmup", "0", "--steps", "1", "--no-compile", "--backends", "torch", "--out", str(tmp_path)])
@@ -198,9 +193,7 @@ def test_bench_script_smoke_on_cpu(tmp_path):
     assert [r["impl"] for r in report["latency"]] == ["diffusers eager", "ldm-rt torch whole CFG step"]
     assert report["images"][0]["psnr_torch_vs_diffusers"] >= 50
     # bench/report.py renders it for RESULTS.md: latency rows with the speed-up, then the PSNRs
-    spec = importlib.util.spec_from_file_location("bench_report", path.parent / "report.py")
-    render = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render)
+    render = load_bench_script("report")
     text = render.report([tmp_path / "dit_diffusers.json"])
     (ours,) = [r for r in report["latency"] if r["impl"].startswith("ldm-rt")]
     (up,) = report["speedup"]

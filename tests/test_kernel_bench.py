@@ -1,21 +1,15 @@
 """bench/kernel_bench.py: argument parsing, and the one-sentence refusal without CUDA (the timing
 itself needs a GPU and is never run in tests)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-PATH = Path(__file__).resolve().parents[1] / "bench" / "kernel_bench.py"
+from bench_scripts import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("kernel_bench")
 
 
 def test_defaults_are_the_issue_grid(bench, tmp_path):

@@ -1,20 +1,15 @@
 """bench/profile_step.py: kernel classes, and a CPU smoke run of the profile (the real one needs a GPU)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[1] / "bench" / "profile_step.py"
+from bench_scripts import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def profile_step():
-    spec = importlib.util.spec_from_file_location("profile_step", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("profile_step")
 
 
 @pytest.mark.parametrize("name, label", [
@@ -51,9 +46,7 @@ def test_cpu_smoke_writes_the_table_and_json(profile_step, tmp_path):
 def test_report_renders_the_profile(profile_step, tmp_path):
     report = profile_step.main(["--preset", "tiny", "--resolution", "16", "--dtype", "fp32", "--device", "cpu",
                                 "--backends", "torch,tensorrt", "--warmup", "0", "--iters", "1", "--out", str(tmp_path)])
-    spec = importlib.util.spec_from_file_location("bench_report", PATH.parent / "report.py")
-    render = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render)
+    render = load_bench_script("report")
     text = render.report([tmp_path / "profile.json"])
     row = report["backends"]["torch"]
     assert f"| torch | {row['ms_per_step']:.3f} | " in text
