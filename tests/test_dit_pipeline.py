@@ -16,7 +16,7 @@ from cli_helpers import invoke
 from ldm_rt.configs import PRESETS
 from ldm_rt.dit_checkpoints import to_diffusers, to_original
 from ldm_rt.model_dir import load_model_dir, random_components
-from ldm_rt.parity import psnr
+from ldm_rt.parity import IMAGE_PSNR_DB, psnr
 from ldm_rt.pipeline import Pipeline
 
 diffusers = pytest.importorskip("diffusers")
@@ -201,3 +201,32 @@ def test_bench_script_smoke_on_cpu(tmp_path):
             f"| {ours['first_call_ms'] / 1000:.2f} |") in text
     psnrs = [v for k, v in report["images"][0].items() if k.startswith("psnr_")]
     assert "| 16 | fp32 | 1 | " + " | ".join(f"{v:.1f}" for v in psnrs) + " |" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter path")
+def test_class_model_on_triton_backend_matches_torch_backend_on_cpu(dit_pipeline_dir):
+    """Issue 8's class-conditional DiT (sin-cos positions, no RoPE, no cross-attention, learned
+    sigma) through the Triton kernels in the interpreter: the same image as the torch backend."""
+    from ldm_rt import kernels
+
+    assert kernels.interpreting()
+    kwargs = dict(guidance=4.0, steps=3, seed=3)
+    ref = Pipeline.from_pretrained(dit_pipeline_dir, device="cpu", dtype="fp32").generate(CLASSES, **kwargs).images
+    ours = Pipeline.from_pretrained(dit_pipeline_dir, backend="triton", device="cpu", dtype="fp32")
+    got = ours.generate(CLASSES, **kwargs).images
+    for a, b in zip(got, ref):
+        db = psnr(torch.from_numpy(np.asarray(a, dtype=np.float64)), torch.from_numpy(np.asarray(b, dtype=np.float64)))
+        assert db >= IMAGE_PSNR_DB["fp32"], f"triton class image PSNR {db:.1f} dB against the torch backend"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_class_model_on_triton_backend_on_cuda(dit_pipeline_dir, dtype):
+    """The class model's CFG steps replayed from CUDA graphs, against the fp32 torch backend."""
+    kwargs = dict(guidance=4.0, steps=8, seed=3)
+    ref = Pipeline.from_pretrained(dit_pipeline_dir, device="cuda", dtype="fp32").generate(CLASSES, **kwargs).images
+    got = Pipeline.from_pretrained(dit_pipeline_dir, backend="triton", device="cuda", dtype=dtype).generate(
+        CLASSES, **kwargs).images
+    for a, b in zip(got, ref):
+        db = psnr(torch.from_numpy(np.asarray(a, dtype=np.float64)), torch.from_numpy(np.asarray(b, dtype=np.float64)))
+        assert db >= IMAGE_PSNR_DB[dtype], f"triton {dtype} class image PSNR {db:.1f} dB against fp32 torch"
