@@ -271,7 +271,8 @@ def compile_launch(launch: Launch, capability: int = 90) -> dict[str, Any]:
     arch = re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"]).group(1)
     usage = ptxas_usage(compiled.asm["ptx"], arch, capability)
     return dict(launch.describe(), arch=arch, shared_bytes=compiled.metadata.shared, **usage,
-                memory_ops=memory_ops(compiled.asm["ptx"]), compile_s=round(seconds, 2))
+                memory_ops=memory_ops(compiled.asm["ptx"]), mma_ops=mma_ops(compiled.asm["ptx"]),
+                compile_s=round(seconds, 2))
 
 
 def memory_ops(ptx: str) -> dict[str, int]:
@@ -280,6 +281,13 @@ def memory_ops(ptx: str) -> dict[str, int]:
     (v4.b32, cp.async.cg) or element by element (b16 for fp16)."""
     found = re.findall(r"\b(ld\.global(?:\.[a-z]\w*)*|st\.global(?:\.[a-z]\w*)*|cp\.async\.c[ag]\.shared\.global)", ptx)
     return dict(sorted(Counter(found).items()))
+
+
+def mma_ops(ptx: str) -> dict[str, int]:
+    """Tensor-core instructions in the PTX by kind, e.g. {"wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16": 9}:
+    Hopper's warpgroup MMA (wgmma, asynchronous, operands from shared memory) or the older
+    per-warp `mma.sync` that sm_90a also runs, at a fraction of the rate."""
+    return dict(sorted(Counter(re.findall(r"\b(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx)).items()))
 
 
 def problems(row: dict[str, Any]) -> list[str]:

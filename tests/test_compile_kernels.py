@@ -53,6 +53,9 @@ def test_backend_launches_compile_for_hopper_within_limits(report):
             ops = row["memory_ops"]
             assert "ld.global.b16" not in ops and "st.global.b16" not in ops, (row["label"], ops)
             assert ops.get("cp.async.cg.shared.global", 0) > 0 and ops.get("st.global.v4.b32", 0) > 0, ops
+            # both matmuls (q k^T and p v) on Hopper's warpgroup MMA, none on the older mma.sync
+            mma = row["mma_ops"]
+            assert mma and all(op.startswith("wgmma.mma_async") for op in mma), (row["label"], mma)
 
 
 def test_every_kind_of_launch_the_backend_makes_is_checked(report):
