@@ -342,9 +342,8 @@ def diffusers_dit(ours):
 
 def make_pipeline(backend: str, components, device: torch.device, dtype: str):
     """A Pipeline for `backend` on a private copy of `components`; raises _Skip or LdmRtError."""
-    from ldm_rt.pipeline import Pipeline
-
     from ldm_rt.backends import check_backend
+    from ldm_rt.pipeline import Pipeline
     from ldm_rt.precision import Precision
 
     if backend == "triton" and device.type == "cpu":
