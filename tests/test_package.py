@@ -78,15 +78,60 @@ print(json.dumps([m for m in heavy if m in sys.modules]))
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
 
 
+def _resolves_into(spec, folder: Path) -> bool:
+    """Whether an import spec points at `folder` (a package's __init__.py, or a namespace
+    package's search path)."""
+    if spec is None:
+        return False
+    places = [Path(spec.origin).resolve().parent] if spec.origin else []
+    places += [Path(p).resolve() for p in (spec.submodule_search_locations or [])]
+    return folder.resolve() in places
+
+
 def test_source_folders_do_not_shadow_top_level_packages():
     """Under `python -m pytest` at the root, kernels/ and export/ must not be importable as
     `kernels`/`export` (conftest drops the root from sys.path): transformers imports Hugging
-    Face's `kernels` package while diffusers loads, and our folder would stand in for it."""
+    Face's `kernels` package while diffusers loads, and our folder would stand in for it. The
+    question is whether the name resolves to *our* folder: a real `kernels` package installed in
+    a venv inside the checkout (the README's layout, `.venv/`) is under the root and is fine."""
     import importlib.util
 
     for name in ("kernels", "export"):
         spec = importlib.util.find_spec(name)
-        assert spec is None or ROOT not in Path(spec.origin or "").resolve().parents, (name, spec.origin)
+        assert not _resolves_into(spec, ROOT / name), (name, spec.origin, spec.submodule_search_locations)
+
+
+def test_shadow_check_tells_our_folder_from_a_package_in_a_checkout_venv(tmp_path):
+    """The check above, on both cases: a `kernels` package in `<root>/.venv/.../site-packages`
+    is not ours; the source folder `<root>/kernels` is."""
+    import importlib.machinery
+
+    site = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "kernels"
+    theirs = importlib.machinery.ModuleSpec("kernels", None, origin=str(site / "__init__.py"), is_package=True)
+    theirs.submodule_search_locations = [str(site)]
+    ours = importlib.machinery.ModuleSpec("kernels", None, origin=str(ROOT / "kernels" / "__init__.py"),
+                                          is_package=True)
+    ours.submodule_search_locations = [str(ROOT / "kernels")]
+    namespace = importlib.machinery.ModuleSpec("kernels", None, is_package=True)
+    namespace.submodule_search_locations = [str(ROOT / "kernels")]
+    assert not _resolves_into(theirs, ROOT / "kernels")
+    assert _resolves_into(ours, ROOT / "kernels") and _resolves_into(namespace, ROOT / "kernels")
+    assert not _resolves_into(None, ROOT / "kernels")
+
+
+def _readme_test_command() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("Run the tests"):]
+    return section.split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    """`.ci/run` must run the README's test command as written, venv location included, so a
+    missing install step or a venv-inside-the-checkout failure cannot pass CI."""
+    command = _readme_test_command()
+    assert command.startswith("python3 -m venv .venv && . .venv/bin/activate && ")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert command in ci, command
 
 
 def test_bench_scripts_shadow_no_installed_module():
