@@ -9,9 +9,15 @@ What lives here, and what of it needs libnvinfer:
 - `build_engines`: rebuilds only missing or stale engines, with one line saying why. The
   decision is pure (tested with a stand-in builder); the default builder, `build_engine`, calls
   TensorRT;
-- `build_engine`: Builder, network (strongly typed when asked), OnnxParser.parse_from_file,
-  builder flags, workspace pool limit, timing cache, build_serialized_network. Written against
-  the documented TensorRT 10 API and NOT run in this workplace: TensorRT cannot be installed here;
+- `build_plan`: how one graph is built, as pure code: always a strongly typed network (every
+  tensor's type comes from the ONNX graph, so an fp16/bf16 engine is built from an
+  `ldm-rt export --dtype fp16|bf16` graph, whose norm statistics and softmax are fp32 in the
+  graph), no precision builder flags, and TF32 cleared for fp32 graphs. Tested on CPU for
+  TensorRT 10- and 11-shaped modules;
+- `build_engine`: Builder, network, OnnxParser.parse_from_file, the plan's flags, workspace pool
+  limit, timing cache, build_serialized_network. Written against the TensorRT 10 and 11 Python
+  APIs (every name it uses is in `TENSORRT_API`, checked against the real bindings of TensorRT
+  10.13.3.9 and 11.4.0.106) and NOT run in this workplace: TensorRT cannot be installed here;
 - `compare_with_polygraphy`: polygraphy's Comparator on engine outputs against reference
   outputs (for `ldm-rt parity --backend tensorrt`); needs polygraphy only, tested on CPU.
 
@@ -42,7 +48,39 @@ from ldm_rt.export.onnx_export import MANIFEST
 from ldm_rt.model_dir import writable_dir
 
 ENGINE_FORMAT = 1
-MODES = ("fp32", "fp16", "bf16", "strongly-typed")
+# An engine's precision is its ONNX graph's: TensorRT 11 removed weak typing (BuilderFlag.FP16 and
+# BF16 are gone; every network is strongly typed), and ldm-rt builds strongly typed on 10 too.
+MODES = ("fp32", "fp16", "bf16")
+# TensorRT releases the build and run code is written for (see `TENSORRT_API`).
+TENSORRT_MAJORS = (10, 11)
+# Every TensorRT name ldm-rt uses, by class ("" is the module). tests/test_tensorrt.py checks
+# that the code names nothing outside this table, and, where the real Python bindings can be
+# imported (`../shared/tools/trt-bindings.sh`), that each name exists in them; checked against
+# tensorrt-cu12-bindings 10.13.3.9 and 11.4.0.106.
+TENSORRT_API: dict[str, tuple[str, ...]] = {
+    "": ("__version__", "Logger", "Builder", "NetworkDefinitionCreationFlag", "OnnxParser", "MemoryPoolType",
+         "BuilderFlag", "Runtime", "TensorIOMode", "DataType", "INetworkDefinition", "ITensor",
+         "IBuilderConfig", "IOptimizationProfile", "ITimingCache", "ICudaEngine", "IExecutionContext"),
+    "Logger": ("WARNING",),
+    "Builder": ("create_network", "create_builder_config", "create_optimization_profile",
+                "build_serialized_network"),
+    "NetworkDefinitionCreationFlag": ("STRONGLY_TYPED",),
+    "INetworkDefinition": ("get_input", "num_inputs"),
+    "ITensor": ("name",),
+    "OnnxParser": ("parse_from_file", "get_error", "num_errors"),
+    "IBuilderConfig": ("set_memory_pool_limit", "set_flag", "clear_flag", "add_optimization_profile",
+                       "create_timing_cache", "set_timing_cache", "get_timing_cache"),
+    "MemoryPoolType": ("WORKSPACE",),
+    "BuilderFlag": ("TF32",),
+    "IOptimizationProfile": ("set_shape",),
+    "ITimingCache": ("serialize",),
+    "Runtime": ("deserialize_cuda_engine",),
+    "ICudaEngine": ("create_execution_context", "num_io_tensors", "get_tensor_name", "get_tensor_mode",
+                    "get_tensor_dtype", "get_tensor_profile_shape"),
+    "TensorIOMode": ("INPUT", "OUTPUT"),
+    "IExecutionContext": ("set_input_shape", "set_tensor_address", "get_tensor_shape", "execute_async_v3"),
+    "DataType": ("FLOAT", "HALF", "BF16", "INT64", "INT32", "INT8", "UINT8", "BOOL"),
+}
 # Components called on the CFG batch [uncond; cond]: Pipeline.generate encodes uncond + cond
 # prompts in one text-encoder call and Pipeline.denoise concatenates the latents for the DiT.
 CFG_BATCHED = ("text_encoder", "transformer")
@@ -417,7 +455,7 @@ Builder = Callable[..., None]  # (onnx_path, engine_path, *, precision, profiles
 def build_engines(
     onnx_dir: str | Path,
     out_dir: str | Path | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
     min: str | dict | None = None,
     opt: str | dict | None = None,
     max: str | dict | None = None,
@@ -432,13 +470,14 @@ def build_engines(
 ) -> dict[str, Path]:
     """Build one engine per exported component into `out_dir` (default: `onnx_dir`); reuse fresh ones.
 
-    An engine is rebuilt only when it is missing or stale (other TensorRT version, GPU, ONNX
+    The engines' precision is the export's (`ldm-rt export --dtype`): networks are strongly typed,
+    so `precision`, when given, must be that dtype (`check_precision`). An engine is rebuilt only when it is missing or stale (other TensorRT version, GPU, ONNX
     file, precision or profiles), with one line saying why. `system` and `builder` default to
     the running system and `build_engine`; tests pass stand-ins. Returns {component: engine path}.
     """
     onnx_dir = Path(onnx_dir).expanduser()
     out_dir = Path(out_dir).expanduser() if out_dir is not None else onnx_dir
-    if precision not in MODES:
+    if precision is not None and precision not in MODES:
         raise InputError(f"unknown TensorRT precision {precision!r}; choose one of {', '.join(MODES)}.")
     if workspace_gb is not None and not workspace_gb > 0:
         raise InputError(f"--workspace {workspace_gb} must be a positive number of GiB.")
@@ -447,6 +486,7 @@ def build_engines(
         raise InputError(f"--timing-cache {timing_cache} is not a file; give a file path (it is created if missing).")
     manifest = read_manifest(onnx_dir, f"`ldm-rt export --model all --model-dir MODEL_DIR --out {onnx_dir}`")
     geometry = geometry or Geometry.from_manifest(manifest, str(onnx_dir / MANIFEST))
+    precision = check_precision(manifest, precision, onnx_dir)
     profiles = manifest_profiles(manifest, min, opt, max, geometry)
     names = list(components) if components is not None else list(manifest["components"])
     missing = [n for n in names if n not in manifest["components"]]
@@ -486,14 +526,91 @@ def build_engines(
         metadata_path(engine).unlink(missing_ok=True)  # a failed build leaves no engine that looks fresh
         tmp = engine.with_name(engine.name + ".tmp")
         tmp.unlink(missing_ok=True)
-        build(graph, tmp, precision=precision, profiles=profiles[name], timing_cache=timing_cache,
-              workspace_gb=workspace_gb, log=log)
+        build(graph, tmp, precision=graph_dtype(manifest["components"][name], name), profiles=profiles[name],
+              timing_cache=timing_cache, workspace_gb=workspace_gb, log=log)
         if not tmp.is_file():
             raise LdmRtError(f"building {engine} produced no engine file.")
         os.replace(tmp, engine)
         write_metadata(engine, EngineMeta(**{**asdict(wanted), "engine_bytes": engine.stat().st_size}))
         engines[name] = engine
     return engines
+
+
+# ONNX tensor type names (`ldm_rt.export.specs.TensorSpec.dtype_name`) -> precision names.
+_GRAPH_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def export_dtype(manifest: dict) -> str:
+    """The precision an export was written in (`ldm-rt export --dtype`)."""
+    dtype = manifest.get("dtype", "fp32")
+    if dtype not in MODES:
+        raise ModelDirError(f"the manifest's dtype {dtype!r} is not one of {', '.join(MODES)}; re-export it.")
+    return dtype
+
+
+def graph_dtype(entry: dict, name: str = "component") -> str:
+    """The precision one exported graph computes in: the type of its floating outputs (an fp16
+    export keeps a `force_upcast` VAE decoder in fp32, so this can differ from the export's)."""
+    floats = {_GRAPH_DTYPES[t["dtype"]] for t in entry.get("outputs", []) if t.get("dtype") in _GRAPH_DTYPES}
+    if len(floats) != 1:
+        raise ModelDirError(f"the manifest entry of {name} does not give one floating output type "
+                            f"({sorted(floats)}); re-export it.")
+    return floats.pop()
+
+
+def check_precision(manifest: dict, precision: str | None, onnx_dir: str | Path = "the ONNX directory") -> str:
+    """The engines' precision: the export's dtype. Asking for another is an error that says how
+    to get it, because a strongly typed network computes in its graph's own types."""
+    dtype = export_dtype(manifest)
+    if precision is not None and precision != dtype:
+        raise InputError(
+            f"{onnx_dir} holds a {dtype} export, and TensorRT engines take their precision from the graph "
+            f"(strongly typed networks; TensorRT 11 has no FP16/BF16 builder flags): for {precision} engines, "
+            f"export with `ldm-rt export --model all --dtype {precision} --out DIR` and build from DIR."
+        )
+    return dtype
+
+
+def tensorrt_major(trt) -> int:
+    try:
+        return int(str(trt.__version__).split(".")[0])
+    except (AttributeError, ValueError):
+        raise LdmRtError(f"cannot read the TensorRT version from {getattr(trt, '__version__', None)!r}.") from None
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How one graph becomes an engine, decided without libnvinfer (`build_plan`)."""
+
+    graph_dtype: str  # what the ONNX graph computes in: the engine's precision
+    network_flags: int  # `Builder.create_network(flags)`
+    set_flags: tuple[str, ...] = ()  # BuilderFlag names to set
+    clear_flags: tuple[str, ...] = ()  # BuilderFlag names to clear
+
+
+def build_plan(trt, graph_dtype: str) -> BuildPlan:
+    """The strongly typed build of a `graph_dtype` graph with the `trt` module at hand.
+
+    - The network is strongly typed: every tensor's type comes from the ONNX graph. TensorRT 10
+      needs `NetworkDefinitionCreationFlag.STRONGLY_TYPED` for that; TensorRT 11 is strongly typed
+      always and keeps the flag for compatibility, ignoring it. So the flag is passed on both.
+    - No precision flag is set: TensorRT 11 has no FP16/BF16 flags, and TensorRT 10 refuses them
+      on a strongly typed network.
+    - fp32 graphs clear TF32, which TensorRT enables by default: its 10-bit mantissa inputs would
+      break the fp32 tolerance (rel-L2 1e-5, ldm_rt/parity.py). fp16/bf16 graphs leave it as is
+      (their fp32 parts are the norm statistics and softmax, not matmuls).
+    """
+    if graph_dtype not in MODES:
+        raise InputError(f"unknown TensorRT precision {graph_dtype!r}; choose one of {', '.join(MODES)}.")
+    major = tensorrt_major(trt)
+    if major < min(TENSORRT_MAJORS) or not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        raise MissingDependencyError(
+            f"TensorRT {trt.__version__} cannot build the strongly typed networks ldm-rt uses; it is written for "
+            f"TensorRT {' and '.join(map(str, TENSORRT_MAJORS))}: pip install -U 'ldm-rt[tensorrt]'"
+        )
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    clear = ("TF32",) if graph_dtype == "fp32" else ()
+    return BuildPlan(graph_dtype=graph_dtype, network_flags=flags, clear_flags=clear)
 
 
 def build_engine(
@@ -506,18 +623,16 @@ def build_engine(
     workspace_gb: float | None = None,
     log: Callable[[str], None] = _log,
 ) -> None:
-    """Build one engine with the TensorRT 10 Python API and write it to `engine_path`.
+    """Build one engine from the graph `onnx_path`, which computes in `precision`, and write it.
 
-    Not run in this workplace (TensorRT cannot be installed here); each call is the one the
-    TensorRT 10 Python API documents (see the README's TensorRT section).
+    Not run in this workplace (TensorRT cannot be installed here); every TensorRT name it uses is
+    in `TENSORRT_API`, which a test checks against the real 10.x and 11.x Python bindings.
     """
     trt = import_tensorrt()
+    plan = build_plan(trt, precision)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    # TensorRT 10 networks are always explicit-batch; STRONGLY_TYPED takes every tensor's type
-    # from the ONNX graph (an fp16/bf16 export) instead of letting FP16/BF16 flags choose.
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if precision == "strongly-typed" else 0
-    network = builder.create_network(flags)
+    network = builder.create_network(plan.network_flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # the path form also reads <file>.onnx.data
         errors = [str(parser.get_error(i)).strip() for i in range(parser.num_errors)]
@@ -530,20 +645,10 @@ def build_engine(
     config = builder.create_builder_config()
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
-    if precision in ("fp16", "bf16") and not hasattr(trt.BuilderFlag, precision.upper()):
-        # TensorRT 11 dropped weak typing (BuilderFlag.FP16/BF16); only strongly typed networks remain.
-        raise InputError(
-            f"TensorRT {trt.__version__} has no {precision.upper()} builder flag; export with "
-            f"`ldm-rt export --dtype {precision}` and build with --strongly-typed."
-        )
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    elif precision == "fp32":
-        # TF32 is on by default in TensorRT; its 10-bit mantissa would break the fp32 tolerance
-        # (rel-L2 1e-5, ldm_rt/parity.py), so an fp32 engine computes in true fp32.
-        config.clear_flag(trt.BuilderFlag.TF32)
+    for flag in plan.set_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in plan.clear_flags:
+        config.clear_flag(getattr(trt.BuilderFlag, flag))
     profile = builder.create_optimization_profile()
     for name, shapes in profiles.items():
         profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
@@ -606,7 +711,8 @@ def compare_with_polygraphy(
     from ldm_rt import parity
 
     try:
-        from polygraphy.comparator import SimpleCompareFunc  # polygraphy >= 0.50
+        # polygraphy >= 0.53.4 (0.50.3, the release before it on PyPI, lacks it)
+        from polygraphy.comparator import SimpleCompareFunc
     except ImportError:  # older polygraphy: the same function behind CompareFunc.simple
         from polygraphy.comparator import CompareFunc
 

@@ -178,10 +178,12 @@ def export_cmd(which, model_dir, out, dtype, opset, static, height, width, batch
               help="Directory written by `ldm-rt export` (the .onnx files and manifest.json).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Directory for the engines (default: --onnx-dir).")
-@click.option("--fp16", is_flag=True, help="Let TensorRT pick fp16 kernels (BuilderFlag.FP16).")
-@click.option("--bf16", is_flag=True, help="Let TensorRT pick bf16 kernels (BuilderFlag.BF16).")
+@click.option("--fp16", is_flag=True,
+              help="Check that the export is fp16 (engines take the graph's precision: `ldm-rt export --dtype fp16`).")
+@click.option("--bf16", is_flag=True,
+              help="Check that the export is bf16 (engines take the graph's precision: `ldm-rt export --dtype bf16`).")
 @click.option("--strongly-typed", is_flag=True,
-              help="Keep the ONNX graph's own types (for an --dtype fp16/bf16 export).")
+              help="Accepted for older scripts: every network is strongly typed (TensorRT 11 builds no other kind).")
 @click.option("--min", "min_", default=None, help="Smallest shape, e.g. batch=1,height=256,width=256 (pixels).")
 @click.option("--opt", default=None, help="Shape TensorRT tunes for, e.g. batch=1,size=512.")
 @click.option("--max", "max_", default=None, help="Largest shape, e.g. batch=4,size=1024.")
@@ -191,15 +193,17 @@ def export_cmd(which, model_dir, out, dtype, opset, static, height, width, batch
 def build_engine_cmd(onnx_dir, out, fp16, bf16, strongly_typed, min_, opt, max_, timing_cache, workspace):
     """Build one TensorRT engine per exported component; fresh engines are reused, stale ones rebuilt.
 
+    Networks are strongly typed: each engine computes in its ONNX graph's types, so the engines'
+    precision is the export's (`ldm-rt export --dtype fp32|fp16|bf16`); fp32 engines clear TF32.
     Shapes: key=value pairs, keys batch (images), height, width (pixels) and size (both sides).
     The text encoder's and DiT's batch is doubled for classifier-free guidance.
     """
     from ldm_rt.export.tensorrt import build_engines
 
-    modes = [m for m, on in (("fp16", fp16), ("bf16", bf16), ("strongly-typed", strongly_typed)) if on]
+    modes = [m for m, on in (("fp16", fp16), ("bf16", bf16)) if on]
     if len(modes) > 1:
         raise InputError(f"--{' and --'.join(modes)} exclude each other; pick one.")
-    engines = build_engines(onnx_dir, out, precision=modes[0] if modes else "fp32", min=min_, opt=opt, max=max_,
+    engines = build_engines(onnx_dir, out, precision=modes[0] if modes else None, min=min_, opt=opt, max=max_,
                             timing_cache=timing_cache, workspace_gb=workspace)
     for name, path in engines.items():
         click.echo(f"{name}: {path}")

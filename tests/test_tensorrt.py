@@ -8,10 +8,12 @@ tested with a stand-in builder that writes bytes: it proves the decisions, not t
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,11 +24,17 @@ from ldm_rt.errors import InputError, LdmRtError, MissingDependencyError, ModelD
 from ldm_rt.export.onnx_export import MANIFEST, MANIFEST_FORMAT, _spec_dict, export_model
 from ldm_rt.export.specs import COMPONENT_NAMES, component_specs
 from ldm_rt.export.tensorrt import (
+    TENSORRT_API,
+    BuildPlan,
     EngineMeta,
     Geometry,
     Point,
     SystemFacts,
+    build_engine,
     build_engines,
+    build_plan,
+    check_precision,
+    graph_dtype,
     compare_metadata,
     compare_with_polygraphy,
     engine_path,
@@ -40,6 +48,7 @@ from ldm_rt.export.tensorrt import (
     write_metadata,
 )
 from ldm_rt.model_dir import load_model_dir
+from ldm_rt.precision import Precision
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 A100 = SystemFacts("10.3.0", "NVIDIA A100-SXM4-80GB", "8.0")
@@ -59,11 +68,12 @@ def te_export(tiny, tmp_path_factory):
     return out
 
 
-def full_manifest(config, static=None) -> dict:
+def full_manifest(config, static=None, dtype="fp32") -> dict:
     """A manifest for all three components, with entries made by export's own `_spec_dict`."""
-    specs = component_specs(config)
+    specs = component_specs(config, dtype)
     return {
         "format": MANIFEST_FORMAT,
+        "dtype": dtype,
         "static": static,
         "image": {"vae_scale_factor": config.vae.scale_factor, "patch_size": config.transformer.patch_size,
                   "sample_size": config.transformer.sample_size},
@@ -71,13 +81,13 @@ def full_manifest(config, static=None) -> dict:
     }
 
 
-def fake_onnx_dir(tmp_path: Path, config) -> Path:
+def fake_onnx_dir(tmp_path: Path, config, dtype="fp32", name="onnx") -> Path:
     """A directory with a full manifest and distinct stand-in .onnx files (for the build logic only)."""
-    d = tmp_path / "onnx"
-    d.mkdir()
-    (d / MANIFEST).write_text(json.dumps(full_manifest(config)))
-    for name in COMPONENT_NAMES:
-        (d / f"{name}.onnx").write_bytes(f"graph of {name}".encode())
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    (d / MANIFEST).write_text(json.dumps(full_manifest(config, dtype=dtype)))
+    for component in COMPONENT_NAMES:
+        (d / f"{component}.onnx").write_bytes(f"{dtype} graph of {component}".encode())
     return d
 
 
@@ -222,7 +232,9 @@ def test_shape_in_profile():
 
 def test_engine_names():
     assert engine_path("e", "transformer", "fp16") == Path("e/transformer.fp16.engine")
-    assert engine_path("e", "vae_decoder", "strongly-typed").name == "vae_decoder.strongly-typed.engine"
+    assert engine_path("e", "vae_decoder", "bf16").name == "vae_decoder.bf16.engine"
+    with pytest.raises(InputError, match="unknown TensorRT precision 'strongly-typed'"):
+        engine_path("e", "transformer", "strongly-typed")  # every engine is strongly typed: not a mode
     assert metadata_path(Path("e/transformer.fp16.engine")) == Path("e/transformer.fp16.engine.json")
     with pytest.raises(InputError, match="unknown TensorRT precision 'int8'"):
         engine_path("e", "transformer", "int8")
@@ -291,9 +303,12 @@ def test_stale_reason_for_engine_files(tmp_path):
 
 
 def test_build_engines_builds_missing_then_reuses(tmp_path, tiny):
-    onnx_dir = fake_onnx_dir(tmp_path, tiny.config)
+    onnx_dir = fake_onnx_dir(tmp_path, tiny.config, dtype="fp16")
     engines, builder, lines = run_build(onnx_dir, precision="fp16")
     assert builder.built == list(COMPONENT_NAMES) and set(engines) == set(COMPONENT_NAMES)
+    # each graph is built in its own type: the force_upcast VAE decoder of an fp16 export is fp32
+    assert tiny.config.vae.force_upcast
+    assert builder.calls == [("text_encoder", "fp16"), ("transformer", "fp16"), ("vae_decoder", "fp32")]
     assert all(line.endswith(f"no engine yet; building {engines[n]}") for n, line in zip(COMPONENT_NAMES, lines))
     for name, path in engines.items():
         assert path == onnx_dir / f"{name}.fp16.engine" and path.is_file()
@@ -302,7 +317,7 @@ def test_build_engines_builds_missing_then_reuses(tmp_path, tiny):
         assert m.engine_bytes == path.stat().st_size and m.onnx_file == f"{name}.onnx"
     assert not list(onnx_dir.glob("*.tmp"))
 
-    _, builder, lines = run_build(onnx_dir, precision="fp16")
+    _, builder, lines = run_build(onnx_dir)  # no precision given: the export's
     assert builder.built == [] and all("reusing" in line for line in lines)
 
 
@@ -327,6 +342,7 @@ def test_build_engines_rebuilds_only_what_changed(tmp_path, tiny):
     _, builder, _ = run_build(onnx_dir, system=SystemFacts("10.8.0", A100.gpu, "8.0"), max="batch=8,size=40")
     assert builder.built == ["transformer", "vae_decoder"]  # the text encoder has no image size
 
+    fake_onnx_dir(tmp_path, tiny.config, dtype="bf16")  # re-exported in bf16 into the same directory
     _, builder, _ = run_build(onnx_dir, system=SystemFacts("10.8.0", A100.gpu, "8.0"), precision="bf16",
                               components=["transformer"])
     assert builder.calls == [("transformer", "bf16")] and (onnx_dir / "transformer.bf16.engine").is_file()
@@ -399,7 +415,7 @@ def one_error_line(result) -> str:
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
 def test_build_engine_without_tensorrt_names_the_extra(te_export, tmp_path):
-    line = one_error_line(cli("build-engine", "--onnx-dir", te_export, "--out", tmp_path / "e", "--fp16"))
+    line = one_error_line(cli("build-engine", "--onnx-dir", te_export, "--out", tmp_path / "e"))
     assert "pip install 'ldm-rt[tensorrt]'" in line
     assert not (tmp_path / "e").exists()  # nothing written before the check
 
@@ -492,32 +508,307 @@ def test_polygraphy_missing_is_one_sentence(monkeypatch):
         compare_with_polygraphy({}, {}, "transformer", "fp32")
 
 
+# -- the strongly typed build plan (pure code, for TensorRT 10- and 11-shaped modules) ----------
+
+
+def fake_trt(version: str):
+    """The parts of a `tensorrt` module `build_plan` reads, shaped like the real bindings of that
+    major version (11.4.0.106: STRONGLY_TYPED = 0 and no FP16/BF16 builder flags; 10.13.3.9:
+    EXPLICIT_BATCH = 0, STRONGLY_TYPED = 1, FP16/BF16 flags present)."""
+    if version.startswith("11."):
+        network_flags = SimpleNamespace(STRONGLY_TYPED=0)
+        builder_flags = SimpleNamespace(TF32=6, DEBUG=2)
+    elif version.startswith("10."):
+        network_flags = SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
+        builder_flags = SimpleNamespace(FP16=0, TF32=6, BF16=17)
+    else:  # 8.x: no strongly typed networks
+        network_flags = SimpleNamespace(EXPLICIT_BATCH=0)
+        builder_flags = SimpleNamespace(FP16=0, TF32=6)
+    return SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=network_flags, BuilderFlag=builder_flags)
+
+
+@pytest.mark.parametrize("version", ["10.13.3.9", "11.4.0.106"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_build_plan_is_strongly_typed_with_no_precision_flags(version, dtype):
+    trt = fake_trt(version)
+    plan = build_plan(trt, dtype)
+    assert plan == BuildPlan(
+        graph_dtype=dtype,
+        network_flags=1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED,
+        set_flags=(),  # never FP16/BF16: gone in 11, refused on strongly typed networks in 10
+        clear_flags=("TF32",) if dtype == "fp32" else (),  # fp32 engines compute in true fp32
+    )
+
+
+def test_build_plan_refuses_tensorrt_without_strong_typing_and_unknown_precisions():
+    with pytest.raises(MissingDependencyError, match=r"TensorRT 8.6.1 cannot build the strongly typed .* TensorRT "
+                                                     r"10 and 11: pip install -U 'ldm-rt\[tensorrt\]'"):
+        build_plan(fake_trt("8.6.1"), "fp16")
+    with pytest.raises(InputError, match="unknown TensorRT precision 'int8'"):
+        build_plan(fake_trt("11.4.0.106"), "int8")
+
+
+class RecordingTrt:
+    """A `tensorrt` module stand-in that records what `build_engine` asks of the builder API."""
+
+    def __init__(self, version: str, inputs):
+        self.__version__ = version
+        base = fake_trt(version)
+        self.NetworkDefinitionCreationFlag, self.BuilderFlag = base.NetworkDefinitionCreationFlag, base.BuilderFlag
+        self.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
+        self.calls: list[tuple] = []
+        rec = self.calls
+
+        class Logger:
+            WARNING = "WARNING"
+
+            def __init__(self, level):
+                pass
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                rec.append(("pool", pool, size))
+
+            def set_flag(self, flag):
+                rec.append(("set_flag", flag))
+
+            def clear_flag(self, flag):
+                rec.append(("clear_flag", flag))
+
+            def add_optimization_profile(self, profile):
+                rec.append(("profile", dict(profile.shapes)))
+
+        class Profile:
+            def __init__(self):
+                self.shapes = {}
+
+            def set_shape(self, name, lo, opt, hi):
+                self.shapes[name] = (lo, opt, hi)
+
+        class Network:
+            num_inputs = len(inputs)
+
+            def get_input(self, i):
+                return SimpleNamespace(name=inputs[i])
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                rec.append(("create_network", flags))
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return b"serialized engine"
+
+        class OnnxParser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                rec.append(("parse", Path(path).name))
+                return True
+
+        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
+
+
+@pytest.mark.parametrize("version", ["10.13.3.9", "11.4.0.106"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_build_engine_follows_the_plan(monkeypatch, tmp_path, version, dtype):
+    import ldm_rt.export.tensorrt as tensorrt_mod
+
+    trt = RecordingTrt(version, ["latents"])
+    monkeypatch.setattr(tensorrt_mod, "import_tensorrt", lambda: trt)
+    profiles = {"latents": {"min": [1, 4, 4, 4], "opt": [2, 4, 8, 8], "max": [4, 4, 16, 16]}}
+    build_engine(tmp_path / "transformer.onnx", tmp_path / "e.engine", precision=dtype, profiles=profiles,
+                 workspace_gb=2)
+    assert (tmp_path / "e.engine").read_bytes() == b"serialized engine"
+    flags = [c for c in trt.calls if c[0] in ("set_flag", "clear_flag")]
+    assert flags == ([("clear_flag", trt.BuilderFlag.TF32)] if dtype == "fp32" else [])
+    assert ("create_network", 1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) in trt.calls
+    assert ("pool", "WORKSPACE", 2 * 2**30) in trt.calls
+    assert ("profile", {"latents": ([1, 4, 4, 4], [2, 4, 8, 8], [4, 4, 16, 16])}) in trt.calls
+
+
+def test_a_precision_other_than_the_exports_is_one_sentence_that_says_how(tmp_path, tiny):
+    onnx_dir = fake_onnx_dir(tmp_path, tiny.config)  # an fp32 export
+    builder = FakeBuilder()
+    with pytest.raises(InputError) as err:
+        run_build(onnx_dir, precision="fp16", builder=builder)
+    message = str(err.value)
+    assert f"{onnx_dir} holds a fp32 export" in message and "TensorRT 11 has no FP16/BF16 builder flags" in message
+    assert "`ldm-rt export --model all --dtype fp16 --out DIR`" in message and "\n" not in message
+    assert builder.calls == [] and not list(onnx_dir.glob("*.engine"))  # refused before any build
+
+
+def test_check_precision_and_graph_dtype(tiny):
+    assert check_precision({"dtype": "bf16"}, None) == "bf16"
+    assert check_precision({}, None) == "fp32"  # manifests carry their dtype; an old one was fp32
+    assert check_precision({"dtype": "fp16"}, "fp16") == "fp16"
+    with pytest.raises(ModelDirError, match="dtype 'int8'"):
+        check_precision({"dtype": "int8"}, None)
+    manifest = full_manifest(tiny.config, dtype="fp16")
+    dtypes = {n: graph_dtype(e, n) for n, e in manifest["components"].items()}
+    assert dtypes == {"text_encoder": "fp16", "transformer": "fp16", "vae_decoder": "fp32"}  # force_upcast
+    with pytest.raises(ModelDirError, match="does not give one floating output type"):
+        graph_dtype({"outputs": [{"name": "ids", "dtype": "int64"}]}, "odd")
+
+
+def test_cli_fp16_on_an_fp32_export_is_refused_before_tensorrt(te_export, tmp_path):
+    line = one_error_line(cli("build-engine", "--onnx-dir", te_export, "--out", tmp_path / "e", "--fp16"))
+    assert "holds a fp32 export" in line and "--dtype fp16" in line
+    assert not (tmp_path / "e").exists()
+
+
+def test_backend_exports_in_the_default_cuda_precision(monkeypatch, tiny):
+    """The CUDA default (fp16) and bf16 reach the export as the graph dtype, and the engines are
+    asked for that precision: strongly typed engines compute in their graph's types."""
+    import ldm_rt.backends.tensorrt_backend as backend
+    import ldm_rt.export.onnx_export as onnx_export
+    import ldm_rt.export.tensorrt as tensorrt_mod
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_export(components, out, names, dtype, digests):
+        seen["export"], seen["out"] = dtype, out
+        return {}
+
+    def fake_build(onnx_dir, out_dir, precision, **kwargs):
+        seen["build"] = precision
+        raise Stop
+
+    monkeypatch.setattr(backend, "check", lambda device, precision: H100)
+    monkeypatch.setattr(onnx_export, "export_model", fake_export)
+    monkeypatch.setattr(tensorrt_mod, "build_engines", fake_build)
+    cuda_default = Precision.default_for(torch.device("cuda"))
+    assert cuda_default is Precision.FP16
+    outs = {}
+    for precision in (cuda_default, Precision.BF16):
+        with pytest.raises(Stop):
+            backend.load(tiny, torch.device("cuda"), precision)
+        assert seen["export"] == seen["build"] == precision.value
+        outs[precision] = seen["out"]
+    assert outs[Precision.FP16] != outs[Precision.BF16]  # one cache directory per graph precision
+
+
+def test_backend_check_refuses_an_impossible_precision_before_any_export(monkeypatch):
+    import ldm_rt.backends.tensorrt_backend as backend
+    import ldm_rt.export.tensorrt as tensorrt_mod
+
+    turing = SystemFacts("11.4.0.106", "Tesla T4", "7.5")
+    assert backend.precision_problem(Precision.BF16, turing).startswith("bf16 engines need compute capability 8.0")
+    assert backend.precision_problem(Precision.FP16, turing) is None
+    assert backend.precision_problem(Precision.BF16, H100) is None
+    monkeypatch.setattr(tensorrt_mod, "import_tensorrt", lambda: fake_trt("11.4.0.106"))
+    monkeypatch.setattr(tensorrt_mod, "current_system", lambda index=None: turing)
+    with pytest.raises(InputError, match="cannot build bf16 engines here: bf16 engines need compute capability"):
+        backend.check(torch.device("cuda"), Precision.BF16)
+    assert backend.check(torch.device("cuda"), Precision.FP16) == turing
+    monkeypatch.setattr(tensorrt_mod, "import_tensorrt", lambda: fake_trt("8.6.1"))
+    with pytest.raises(MissingDependencyError, match="TensorRT 8.6.1 cannot build the strongly typed"):
+        backend.check(torch.device("cuda"), Precision.FP16)
+
+
+# -- every TensorRT name the code uses exists in the real bindings ------------------------------
+
+TRT_SOURCES = [Path(__file__).resolve().parents[1] / p
+               for p in ("export/tensorrt.py", "ldm_rt/backends/tensorrt_backend.py")]
+
+
+def _trt_attribute_chains(path: Path) -> set[tuple[str, ...]]:
+    """Every `trt.A` and `trt.A.B` in a source file, as ('A',) and ('A', 'B')."""
+    chains = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute):
+            parts = []
+            inner = node
+            while isinstance(inner, ast.Attribute):
+                parts.append(inner.attr)
+                inner = inner.value
+            if isinstance(inner, ast.Name) and inner.id == "trt":
+                chains.add(tuple(reversed(parts))[:2])
+    return chains
+
+
+def test_the_code_names_no_tensorrt_attribute_outside_the_declared_api():
+    used = set().union(*(_trt_attribute_chains(p) for p in TRT_SOURCES))
+    assert ("NetworkDefinitionCreationFlag", "STRONGLY_TYPED") in used and ("BuilderFlag",) in used
+    # build_engine looks the plan's flag names up on trt.BuilderFlag: they must be declared too
+    for dtype in ("fp32", "fp16", "bf16"):
+        plan = build_plan(fake_trt("11.4.0.106"), dtype)
+        assert set(plan.set_flags + plan.clear_flags) <= set(TENSORRT_API["BuilderFlag"])
+    for chain in used:
+        assert chain[0] in TENSORRT_API[""], chain
+        if len(chain) == 2:
+            assert chain[1] in TENSORRT_API[chain[0]], chain
+    # FP16/BF16 builder flags are gone in TensorRT 11: nothing may use them
+    assert not any(c[-1] in ("FP16", "BF16") and c[0] == "BuilderFlag" for c in used)
+
+
+def _real_bindings():
+    for name in ("tensorrt", "tensorrt_bindings"):  # `../shared/tools/trt-bindings.sh` gives the latter
+        try:
+            return __import__(name)
+        except Exception:  # ImportError, or an OSError from missing libnvinfer
+            continue
+    return None
+
+
+def test_declared_tensorrt_api_exists_in_the_real_bindings():
+    """Runs where TensorRT's Python bindings import (a GPU machine with TensorRT, or the bindings
+    wheel with stub libraries: `eval "$(bash ../shared/tools/trt-bindings.sh 11.4.0.106)"`); checked
+    so with 11.4.0.106 and 10.13.3.9."""
+    trt = _real_bindings()
+    if trt is None:
+        pytest.skip("TensorRT's Python bindings are not importable here (see ../shared/tools/trt-bindings.sh)")
+    missing = [f"{cls}.{name}" if cls else name for cls, names in TENSORRT_API.items() for name in names
+               if not hasattr(getattr(trt, cls) if cls else trt, name)]
+    assert not missing, (trt.__version__, missing)
+    plan = build_plan(trt, "fp32")
+    assert plan.network_flags == 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert all(hasattr(trt.BuilderFlag, f) for f in plan.set_flags + plan.clear_flags)
+
+
 # -- GPU: real engines (runs only where tensorrt and CUDA exist) --------------------------------
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TENSORRT, reason="tensorrt is not installed (pip install 'ldm-rt[tensorrt]')")
-def test_engines_build_run_and_match_the_reference(tiny, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_engines_build_run_and_match_the_reference(tiny, tmp_path, dtype):
     from ldm_rt.backends.tensorrt_backend import TrtEngine
 
     onnx_dir = tmp_path / "onnx"
-    export_model(tiny, onnx_dir, COMPONENT_NAMES, log=lambda m: None)
-    engines = build_engines(onnx_dir, precision="fp32", timing_cache=tmp_path / "timing.cache")
+    export_model(tiny, onnx_dir, COMPONENT_NAMES, dtype=dtype, log=lambda m: None)
+    engines = build_engines(onnx_dir, timing_cache=tmp_path / "timing.cache")  # the export's precision
     assert (tmp_path / "timing.cache").is_file()
     device = torch.device("cuda")
-    specs = component_specs(tiny.config)
+    specs, reference_specs = component_specs(tiny.config, dtype), component_specs(tiny.config)
     for name in COMPONENT_NAMES:
         spec = specs[name]
         engine = TrtEngine(engines[name], spec, device)
         for batch, h, w in [(1, 8, 8), (3, 12, 6)]:
-            inputs = spec.sample_inputs(batch, h, w, seed=batch)
+            inputs = reference_specs[name].sample_inputs(batch, h, w, seed=batch)
             with torch.no_grad():
-                ref = spec.module(tiny).eval()(*inputs)
+                ref = reference_specs[name].module(tiny).eval()(*inputs)  # the fp32 reference
             ref = ref if isinstance(ref, tuple) else (ref,)
             outs = engine(*[x.to(device) for x in inputs])
+            graph = graph_dtype(json.loads((onnx_dir / MANIFEST).read_text())["components"][name], name)
             rows = compare_with_polygraphy(dict(zip(spec.output_names, outs)), dict(zip(spec.output_names, ref)),
-                                           spec.parity_key, "fp32")
-            assert all(r.passed for r in rows), (name, batch, h, w, rows)
+                                           spec.parity_key, graph)
+            assert all(r.passed for r in rows), (name, dtype, batch, h, w, rows)
     lines = []
-    build_engines(onnx_dir, precision="fp32", log=lines.append)
+    build_engines(onnx_dir, precision=dtype, log=lines.append)
     assert all("reusing" in line for line in lines)

@@ -72,7 +72,7 @@ def check_backend(name: str, device: torch.device, precision: Precision) -> None
     elif name == "tensorrt":
         from ldm_rt.backends.tensorrt_backend import check
 
-        check(device)
+        check(device, precision)
 
 
 def load_backend(name: str, components, device: torch.device, precision: Precision, onnx_dir=None) -> Runtime:

@@ -1,11 +1,14 @@
 """The `tensorrt` backend: TensorRT engines built from the exported ONNX graphs.
 
-On first use the model is exported (fp32 ONNX) into the same content-keyed cache as the
-onnxruntime backend (`$LDM_RT_CACHE`, default `~/.cache/ldm-rt`, then `onnx/<key>`), and one
-engine per component is built next to the graphs by `ldm_rt.export.tensorrt.build_engines`
-(`<component>.<precision>.engine` + its JSON metadata). A stale engine (other TensorRT, GPU,
-ONNX file, precision or profile) is rebuilt with one line saying why. fp16/bf16 are TensorRT's
-FP16/BF16 builder flags on the fp32 graph; the engines' I/O stay fp32.
+On first use the model is exported in the pipeline's precision (`ldm-rt export --dtype`: an
+fp16/bf16 graph keeps its norm statistics and softmax in fp32, and an fp16 export keeps a
+`force_upcast` VAE decoder in fp32) into the same content-keyed cache as the onnxruntime backend
+(`$LDM_RT_CACHE`, default `~/.cache/ldm-rt`, then `onnx/<key>`), and one engine per component is
+built next to the graphs by `ldm_rt.export.tensorrt.build_engines` (`<component>.<precision>.engine`
++ its JSON metadata). Networks are strongly typed, on TensorRT 10 and 11 alike (11 has no
+FP16/BF16 builder flags): an engine computes in its graph's types, and fp32 engines clear TF32.
+A stale engine (other TensorRT, GPU, ONNX file, precision or profile) is rebuilt with one line
+saying why. Engine inputs and outputs have the graph's types; inputs are cast to them.
 
 Engines run on torch CUDA tensors in place: `set_input_shape` and `set_tensor_address`
 (`tensor.data_ptr()`) per input, outputs allocated from `get_tensor_shape`, then
@@ -13,7 +16,8 @@ Engines run on torch CUDA tensors in place: `set_input_shape` and `set_tensor_ad
 With `LDM_RT_TENSORRT_CUDA_GRAPH=1` each engine records one CUDA graph per input-shape
 signature and replays it (static input/output buffers; inputs are copied in).
 
-Written against the documented TensorRT 10 Python API and NOT run in this workplace: TensorRT
+Written against the TensorRT 10 and 11 Python APIs (the names are checked against the real
+bindings, see `ldm_rt.export.tensorrt.TENSORRT_API`) and NOT run in this workplace: TensorRT
 cannot be installed here (see the README's TensorRT section).
 """
 
@@ -144,24 +148,47 @@ class TrtEngine:
         return [o.clone() for o in static_out]
 
 
-def engine_dir(components, digests: dict[str, str]) -> Path:
-    """Where this model's fp32 graphs and its engines live (the onnxruntime backend's cache key)."""
+def engine_dir(components, precision: Precision, digests: dict[str, str]) -> Path:
+    """Where this model's graphs in `precision` and their engines live (the onnxruntime backend's cache key)."""
     from ldm_rt.backends.onnxruntime_backend import cache_dir
 
-    return cache_dir(components, "fp32", digests)
+    return cache_dir(components, precision.value, digests)
 
 
-def check(device: torch.device):
-    """Raise unless TensorRT engines can be built and run on `device` here (tensorrt installed, a
-    CUDA GPU); the system's facts. Cheap: `ldm-rt bench` asks before it copies the model."""
-    from ldm_rt.export.tensorrt import current_system
+# bf16 tensor cores start with Ampere; TensorRT has no bf16 kernels below it.
+BF16_MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def precision_problem(precision: Precision, system) -> str | None:
+    """None when engines in `precision` can be built on `system` (SystemFacts), else why not."""
+    major, minor = (int(x) for x in system.compute_capability.split("."))
+    if precision is Precision.BF16 and (major, minor) < BF16_MIN_COMPUTE_CAPABILITY:
+        return (f"bf16 engines need compute capability {'.'.join(map(str, BF16_MIN_COMPUTE_CAPABILITY))} or newer, "
+                f"and {system.gpu} has {system.compute_capability}; use --dtype fp16 or fp32")
+    return None
+
+
+def check(device: torch.device, precision: Precision = Precision.FP32):
+    """Raise unless TensorRT engines in `precision` can be built and run on `device` here: a CUDA
+    device, tensorrt (10 or 11), the export extra (the backend exports the graphs it builds
+    from), and a precision the GPU can build. Returns the system's facts. Cheap, and before any
+    export: `Pipeline` and `ldm-rt bench` ask before they export or copy the model."""
+    from ldm_rt.errors import require
+    from ldm_rt.export.tensorrt import build_plan, current_system, import_tensorrt
 
     if device.type != "cuda":
         raise InputError(
             f"the tensorrt backend runs on an NVIDIA GPU (--device cuda), not on {device}; "
             "use --backend onnxruntime or torch there."
         )
-    return current_system(device.index)
+    build_plan(import_tensorrt(), precision.value)  # TensorRT too old for strongly typed networks
+    for module in ("onnx", "onnxscript"):
+        require(module, "export", "the tensorrt backend (it exports the ONNX graphs its engines are built from)")
+    system = current_system(device.index)
+    problem = precision_problem(precision, system)
+    if problem is not None:
+        raise InputError(f"the tensorrt backend cannot build {precision.value} engines here: {problem}.")
+    return system
 
 
 def load(components, device: torch.device, precision: Precision) -> Runtime:
@@ -170,13 +197,14 @@ def load(components, device: torch.device, precision: Precision) -> Runtime:
     from ldm_rt.export.specs import COMPONENT_NAMES, component_specs
     from ldm_rt.export.tensorrt import Geometry, build_engines, profile_points
 
-    system = check(device)  # tensorrt and CUDA present, before any export work
+    system = check(device, precision)  # tensorrt, CUDA and a buildable precision, before any export work
     digests = component_digests(components)
-    out = engine_dir(components, digests)
-    export_model(components, out, COMPONENT_NAMES, dtype="fp32", digests=digests)
+    out = engine_dir(components, precision, digests)
+    # The graphs carry the precision: strongly typed engines compute in their graphs' types.
+    export_model(components, out, COMPONENT_NAMES, dtype=precision.value, digests=digests)
     engines = build_engines(out, out, precision=precision.value, geometry=Geometry.from_config(components.config),
                             system=system)
-    specs = component_specs(components.config)
+    specs = component_specs(components.config, precision.value)
     lo, hi = (profile_points(Geometry.from_config(components.config))[p] for p in ("min", "max"))
     hint = (f"the tensorrt backend builds its engines for {lo.batch} to {hi.batch} images of "
             f"{lo.height}x{lo.width} to {hi.height}x{hi.width} px")
