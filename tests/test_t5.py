@@ -110,3 +110,23 @@ def test_tokenizer_missing_file(tmp_path):
 
     with pytest.raises(ModelDirError, match="tokenizer_2"):
         T5Tokenizer.from_file(tmp_path / "nope.json", max_length=8)
+
+
+def test_fp16_matches_transformers_fp16_loading(tmp_path):
+    """transformers loads T5 in fp16 with `wo` kept fp32; `to_inference_dtype` does the same."""
+    from ldm_rt.models.t5 import to_inference_dtype
+
+    hf, _ = _reference(CONFIG, seed=13)
+    hf.save_pretrained(tmp_path)
+    hf16 = transformers.T5EncoderModel.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    ours = T5EncoderModel(CONFIG).eval()
+    ours.load_state_dict(hf.state_dict())
+    to_inference_dtype(ours, torch.float16)
+    assert {k: v.dtype for k, v in ours.state_dict().items()} == {k: v.dtype for k, v in hf16.state_dict().items()}
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 11), generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        expected, got, ref32 = hf16(input_ids=ids).last_hidden_state, ours(ids), hf(input_ids=ids).last_hidden_state
+    assert got.dtype == expected.dtype
+    err, err32 = (got.float() - expected.float()).abs().max().item(), (got.float() - ref32).abs().max().item()
+    print(f"t5 fp16 vs transformers fp16 max-abs {err:.2e}, vs fp32 {err32:.2e}")
+    assert err <= 1e-2 and err32 <= 5e-2

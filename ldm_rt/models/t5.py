@@ -240,6 +240,17 @@ class T5EncoderModel(nn.Module):
         return self.encoder.final_layer_norm(x)
 
 
+def to_inference_dtype(model: T5EncoderModel, dtype: torch.dtype) -> T5EncoderModel:
+    """Cast for inference as transformers loads T5 (`_keep_in_fp32_modules = ["wo"]`): in fp16 the
+    FFN output projections stay fp32, so their outputs (the ones that overflow fp16 on real
+    checkpoints) and the residual stream after them are fp32; the clamp covers the rest."""
+    model.to(dtype)
+    if dtype == torch.float16:
+        for block in model.encoder.block:
+            block.layer[1].DenseReluDense.wo.float()
+    return model
+
+
 def tie_embedding_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A T5 state dict with both tied embedding keys (checkpoints may store only one of them)."""
     keys = ("shared.weight", "encoder.embed_tokens.weight")
