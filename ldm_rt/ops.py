@@ -95,6 +95,25 @@ def rope_freqs(
     return angle.cos().float(), angle.sin().float()
 
 
+def rope_freqs_from_ids(
+    ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables from explicit position ids (N, n_axes), one axis per `axes_dim` entry (Flux).
+
+    Axis a rotates its `axes_dim[a]` channels of the head dim by ids[:, a] * theta ** (-2i / dim),
+    as diffusers' `FluxPosEmbed` (angles in fp64, as it does on CPU/CUDA). Flux uses 3 axes
+    (0, row, col) for image tokens and all-zero ids for text tokens (no rotation).
+    Returns cos, sin of shape (N, sum(axes_dim) // 2) in fp32, the layout `apply_rope` takes.
+    """
+    pos = ids.float()  # (N, n_axes), as diffusers rounds ids through fp32
+    angles = []
+    for a, dim in enumerate(axes_dim):
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, device=ids.device, dtype=torch.float64) / dim)  # (dim/2,)
+        angles.append(torch.outer(pos[:, a].double(), freqs))  # (N, dim/2)
+    angle = torch.cat(angles, dim=-1)  # (N, head_dim/2)
+    return angle.cos().float(), angle.sin().float()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x (B, H, N, D) by the angles in cos/sin (N, D/2), in fp32.
 

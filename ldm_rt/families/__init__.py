@@ -1,0 +1,1 @@
+"""Model families: each folder owns one family (see DESIGN.md, Families)."""

@@ -1,0 +1,1 @@
+"""FLUX.1 (schnell, dev): reference transformer, config presets and pure sampling functions."""
