@@ -91,6 +91,25 @@ def _validation_sentence(exc: RequestValidationError) -> str:
     return f"{field}: {first.get('msg', 'invalid value')}."
 
 
+class ReplicaHeader:
+    """Adds `x-ldm-rt-replica` to every response. A plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware wraps `receive` so that `Request.is_disconnected` never sees the client go."""
+
+    def __init__(self, app, replica_id: str):
+        self.app, self.header = app, (b"x-ldm-rt-replica", replica_id.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
 class State:
     def __init__(self, settings: Settings, replica_id: str):
         self.settings = settings
@@ -146,11 +165,7 @@ def create_app(settings: Settings, replica_id: str | None = None) -> FastAPI:
             state.metrics.requests.labels("400").inc()
         return error(400, _validation_sentence(exc))
 
-    @app.middleware("http")
-    async def replica_header(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["x-ldm-rt-replica"] = state.replica_id
-        return response
+    app.add_middleware(ReplicaHeader, replica_id=state.replica_id)
 
     @app.get("/healthz")
     async def healthz():
@@ -228,6 +243,9 @@ def serve_forever(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
         def handle_exit(self, sig, frame):
             state.draining = True  # new requests get 503 while the accepted ones finish
             super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal once it has shut down, so the process would die of it
+            # (exit -15, or a KeyboardInterrupt traceback on Ctrl+C); a drained server exits 0.
+            getattr(self, "_captured_signals", []).clear()
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -241,3 +259,4 @@ def serve_forever(settings: Settings, host: str = "127.0.0.1", port: int = 8000,
     server.run()
     if state.load_error is not None:
         raise LdmRtError(f"the model did not load: {state.load_error}")
+    log.info("stopped")
