@@ -123,15 +123,21 @@ class State:
         self.on_fatal = None  # set by the runner: stop the server when the model cannot load
 
 
-def create_app(settings: Settings, replica_id: str | None = None) -> FastAPI:
+def create_app(settings: Settings, replica_id: str | None = None, engine: Engine | None = None) -> FastAPI:
+    """The app. It loads and warms up the model after it starts (readyz answers 503 until then),
+    unless `engine` comes loaded already (a Ray replica loads in its constructor, so that Ray
+    routes requests to it only once it can serve them)."""
     settings.check()
     state = State(settings, replica_id or f"{socket.gethostname()}-{os.getpid()}")
+    if engine is not None:
+        state.engine = engine
 
     async def load():
         try:
-            await state.batcher.run_in_model_thread(state.engine.load)
-            if settings.warm_up:
-                await state.batcher.run_in_model_thread(state.engine.warm_up)
+            if state.engine.pipe is None:
+                await state.batcher.run_in_model_thread(state.engine.load)
+                if settings.warm_up:
+                    await state.batcher.run_in_model_thread(state.engine.warm_up)
         except Exception as exc:  # noqa: BLE001 - reported, and the server stops
             state.load_error = str(exc)
             log.error("error: the model did not load: %s", exc)
