@@ -237,3 +237,17 @@ def test_bad_flags_are_one_line(args, message):
 
     result = CliRunner().invoke(main, ["serve", *args])
     assert result.exit_code == 1 and result.output.strip() == f"error: {message}"
+
+
+def test_load_bench_runs(tiny_model_dir, tmp_path):
+    from bench_scripts import load_bench_script
+
+    bench = load_bench_script("serve_load")
+    result = bench.main(["--model-dir", str(tiny_model_dir), "--concurrency", "1,3", "--requests", "2",
+                         "--max-batch", "4", "--steps", "2", "--out", str(tmp_path)])
+    rows = {(r["mode"], r["concurrency"]): r for r in result["rows"]}
+    assert set(rows) == {(m, c) for m in ("batched", "unbatched") for c in (1, 3)}
+    assert all(r["failed"] == 0 and r["requests"] == 2 * r["concurrency"] and r["p99_s"] >= r["p50_s"] > 0
+               for r in rows.values())
+    assert rows[("unbatched", 3)]["mean_batch"] == 1.0
+    assert (tmp_path / "results.json").is_file() and len(result["table"]) == 2 + 4
