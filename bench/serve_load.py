@@ -105,7 +105,8 @@ def bench_mode(mode: str, args) -> list[dict]:
            "--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "256"]
     if args.model_dir:
         cmd += ["--model-dir", str(args.model_dir)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, PYTHONSAFEPATH="1")  # the repo root's kernels/, export/ shadow packages
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         wait_ready(proc, port)
         post(port, {"prompt": "a red circle", **({"steps": args.steps} if args.steps else {})})  # untimed

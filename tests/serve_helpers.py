@@ -29,7 +29,8 @@ class Server:
 
     def __init__(self, *args: str, ready_timeout: float = 120.0, log_path=None):
         self.port = free_port()
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        # PYTHONSAFEPATH: the repo root's kernels/ and export/ must not shadow packages (see conftest.py)
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONSAFEPATH="1")
         self.log = open(log_path, "w+b") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen([sys.executable, "-m", "ldm_rt.cli", "serve", "--host", HOST, "--port",
                                       str(self.port), *args], stdout=self.log, stderr=subprocess.STDOUT, env=env)

@@ -65,7 +65,8 @@ def test_same_seed_same_png_as_run(server, tiny_model_dir, tmp_path):
                     "--prompt", settings["prompt"], "--negative-prompt", settings["negative_prompt"],
                     "--seed", "11", "--steps", "3", "--guidance", "3.5", "--num-images", "2", "--width", "24",
                     "--height", "16", "--out", str(out)],
-                   check=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True)
+                   check=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1"),
+                   capture_output=True)
     assert pngs(body) == [(tmp_path / "run-0.png").read_bytes(), (tmp_path / "run-1.png").read_bytes()]
 
 
