@@ -82,8 +82,9 @@ def build(settings: Settings, options: RayOptions, gpus: float = 0.0):
         name="ImageService",
         ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": gpus},
         # Our batcher holds the queue: Ray passes a replica what it can take (its queue + a batch)
-        # and keeps the rest at the proxy, which answers 503 beyond max_queued_requests.
+        # and keeps at most --max-queue more per caller, answering 503 beyond that.
         max_ongoing_requests=settings.max_queue + settings.max_batch,
+        max_queued_requests=settings.max_queue,
         graceful_shutdown_timeout_s=options.drain_timeout_s,
         **({"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": options.replicas}),
     )
