@@ -310,6 +310,66 @@ def bench_cmd(ctx, model_dir, preset, backends, resolutions, batch, dtype, steps
         click.echo(f"wrote {results['chart']}")
 
 
+@main.command("serve")
+@click.option("--model-dir", type=click.Path(path_type=Path), default=None,
+              help="Model directory (diffusers layout). Default: the built-in demo model.")
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="torch", show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Default: fp16 on CUDA, fp32 on CPU.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-batch", type=int, default=4, show_default=True,
+              help="Most images in one batched denoising loop (1: no batching).")
+@click.option("--max-wait-ms", type=float, default=20.0, show_default=True,
+              help="Longest a request waits for others to batch with.")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="Requests waiting for the model beyond which the server answers 429.")
+@click.option("--drain-timeout", type=float, default=120.0, show_default=True,
+              help="Seconds SIGTERM waits for accepted requests before exiting anyway.")
+@click.option("--no-warm-up", is_flag=True, help="Ready as soon as the model is loaded (skip the warm-up image).")
+@click.option("--ray", "use_ray", is_flag=True, help="Run as a Ray Serve deployment (extra `ray`).")
+@click.option("--ray-address", default=None,
+              help="With --ray: the cluster to join (default: RAY_ADDRESS, else a local Ray instance).")
+@click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: model replicas.")
+@click.option("--gpus-per-replica", type=float, default=None,
+              help="With --ray: GPUs per replica (default: 1 when the cluster has GPUs, else 0).")
+@click.option("--cpus-per-replica", type=float, default=1.0, show_default=True, help="With --ray: CPUs per replica.")
+@click.option("--min-replicas", type=int, default=None, help="With --ray: autoscale from this many replicas...")
+@click.option("--max-replicas", type=int, default=None, help="...up to this many.")
+@click.option("--target-ongoing-requests", type=float, default=None,
+              help="With --ray autoscaling: requests per replica the autoscaler aims at (default: --max-batch).")
+def serve_cmd(model_dir, backend, device, dtype, host, port, max_batch, max_wait_ms, max_queue, drain_timeout,
+              no_warm_up, use_ray, ray_address, replicas, gpus_per_replica, cpus_per_replica, min_replicas,
+              max_replicas, target_ongoing_requests):
+    """Serve images over HTTP (OpenAI images API shape) with dynamic batching; --ray scales out on Ray Serve."""
+    from ldm_rt.errors import require
+
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        require(module, "serve", "ldm-rt serve")
+    from ldm_rt.serve.app import Settings, serve_forever
+
+    settings = Settings(model_dir=model_dir, backend=backend, device=device, dtype=dtype, max_batch=max_batch,
+                        max_wait_ms=max_wait_ms, max_queue=max_queue, warm_up=not no_warm_up)
+    settings.check()
+    ray_only = dict(ray_address=ray_address, gpus_per_replica=gpus_per_replica, min_replicas=min_replicas,
+                    max_replicas=max_replicas, target_ongoing_requests=target_ongoing_requests)
+    if not use_ray:
+        given = [f"--{k.replace('_', '-')}" for k, v in ray_only.items() if v is not None]
+        given += ["--replicas"] * (replicas != 1) + ["--cpus-per-replica"] * (cpus_per_replica != 1.0)
+        if given:
+            raise InputError(f"{', '.join(given)} only apply with --ray.")
+        serve_forever(settings, host=host, port=port, drain_timeout_s=drain_timeout)
+        return
+    require("ray.serve", "ray", "ldm-rt serve --ray")
+    from ldm_rt.serve.ray_serve import RayOptions, run_ray
+
+    run_ray(settings, RayOptions(replicas=replicas, gpus_per_replica=gpus_per_replica,
+                                 cpus_per_replica=cpus_per_replica, min_replicas=min_replicas,
+                                 max_replicas=max_replicas, target_ongoing_requests=target_ongoing_requests,
+                                 address=ray_address, drain_timeout_s=drain_timeout),
+            host=host, port=port)
+
+
 @main.command()
 def env():
     """Print what is available: torch and CUDA, GPU, triton, onnxruntime, tensorrt, polygraphy."""

@@ -97,6 +97,19 @@ def check_finite(x: torch.Tensor, stage: str, precision: Precision) -> None:
         raise NonFiniteError(f"{stage} produced NaN or Inf values{hint}.")
 
 
+def seeded_latents(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The initial noise `Pipeline.generate` draws for `seed`: fp32, on the CPU, as diffusers. A
+    caller batching several seeds (ldm_rt.serve) concatenates one draw per seed and passes the
+    result as `generate(latents=...)`, so each image equals an unbatched call with its own seed."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+def _given_latents(latents: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(latents.shape) != tuple(shape):
+        raise InputError(f"latents of shape {tuple(latents.shape)} given where the call draws {tuple(shape)}.")
+    return latents.float()
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images, as diffusers' `VaeImageProcessor` does."""
     x = (images.float() / 2 + 0.5).clamp(0, 1)
@@ -268,10 +281,13 @@ class Pipeline:
         num_images: int = 1,
         progress: bool = False,
         guidance_channels: int | None = None,
+        latents: torch.Tensor | None = None,
     ) -> GenerationResult:
         """Text models: prompts are text. Class-conditional models: prompts are ImageNet class names
         or indices ("golden retriever", "207", 207), and `guidance_channels` picks how many latent
-        channels CFG steers (None: all, as diffusers' DiTPipeline; 3: the original DiT sample.py)."""
+        channels CFG steers (None: all, as diffusers' DiTPipeline; 3: the original DiT sample.py).
+        `latents` (B, C, h, w), as diffusers' argument of that name: the initial noise, instead of
+        `seeded_latents(shape, seed)`."""
         class_model = self.config.transformer.class_conditional
         prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
         steps = self.defaults.get("steps", DEFAULT_STEPS) if steps is None else steps
@@ -290,7 +306,7 @@ class Pipeline:
             raise InputError(f"num_images must be >= 1, got {num_images}.")
         if class_model:
             return self._generate_class(prompts, negative_prompt, int(steps), float(guidance), seed, height, width,
-                                        num_images, guidance_channels, progress)
+                                        num_images, guidance_channels, progress, latents)
         if guidance_channels is not None:
             raise InputError("guidance_channels applies to class-conditional DiTs only.")
         negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list) else negative_prompt
@@ -305,8 +321,7 @@ class Pipeline:
             uncond = [n for n in negatives for _ in range(num_images)]
             do_cfg = guidance > 1.0
             states, mask, pooled = self.encode_prompt(uncond + cond if do_cfg else cond)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        latents = (seeded_latents(shape, seed) if latents is None else _given_latents(latents, shape)).to(self.device)
         with _stage("denoising", self.device, timings):
             latents = self.denoise(latents, states, mask, pooled, int(steps), float(guidance), progress)
         with _stage("decoding", self.device, timings):
@@ -347,7 +362,7 @@ class Pipeline:
         return latents
 
     def _generate_class(self, prompts, negative_prompt, steps, guidance, seed, height, width, num_images,
-                        guidance_channels, progress) -> GenerationResult:
+                        guidance_channels, progress, latents=None) -> GenerationResult:
         from ldm_rt.imagenet import class_index
 
         if negative_prompt:
@@ -357,8 +372,7 @@ class Pipeline:
         labels = torch.tensor([class_index(p, dit.num_classes) for p in prompts for _ in range(num_images)])
         shape = self.latent_shape(len(labels), height, width)
         timings: dict[str, float] = {"text_encoding": 0.0}  # no text: class labels index a table
-        generator = torch.Generator("cpu").manual_seed(seed)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        latents = (seeded_latents(shape, seed) if latents is None else _given_latents(latents, shape)).to(self.device)
         with _stage("denoising", self.device, timings):
             latents = self.denoise_class(latents, labels, steps, guidance, guidance_channels, progress)
         with _stage("decoding", self.device, timings):

@@ -360,3 +360,23 @@ def test_no_vocabulary_no_unknown_word_warning(pipe, recwarn):
     assert "vocabulary" not in pipe.defaults
     pipe.generate("zebra quokka", steps=1, height=H, width=W)
     assert not [w for w in recwarn.list if "does not know" in str(w.message)]
+
+
+def test_given_latents_are_the_seeded_draw_and_batch_per_seed(pipe):
+    """`generate(latents=...)` (the hook ldm_rt.serve batches with): the seed's own draw gives the
+    seed's image bit for bit; a concatenation of per-seed draws gives each seed's image up to the
+    last bit of batched fp32 arithmetic; a wrong shape is an InputError."""
+    from ldm_rt.pipeline import seeded_latents
+
+    kw = dict(steps=3, guidance=3.0, height=12, width=20)
+    shape = pipe.latent_shape(2, 12, 20)
+    alone = pixels(pipe.generate("a red circle", seed=5, num_images=2, **kw).images)
+    given = pixels(pipe.generate("a red circle", latents=seeded_latents(shape, 5), num_images=2, **kw).images)
+    assert np.array_equal(alone, given)
+    other = pixels(pipe.generate("two blue squares", seed=9, **kw).images)
+    latents = torch.cat([seeded_latents(shape, 5), seeded_latents(pipe.latent_shape(1, 12, 20), 9)])
+    batched = pixels(pipe.generate(["a red circle"] * 2 + ["two blue squares"], latents=latents, **kw).images)
+    reference = np.concatenate([alone, other])
+    assert psnr(torch.from_numpy(batched).double(), torch.from_numpy(reference).double()) >= IMAGE_PSNR_DB["fp32"]
+    with pytest.raises(InputError, match="latents of shape"):
+        pipe.generate("a red circle", latents=seeded_latents(shape, 5), **kw)
