@@ -242,7 +242,7 @@ CONVERT_SOURCES = ["dit-original", "dit-diffusers"]
 @click.option("--overwrite", is_flag=True, help="Replace --out if it already holds a model directory.")
 def convert_cmd(source, src, vae, out, num_heads, overwrite):
     """Write a standard ldm-rt model directory from a published DiT checkpoint."""
-    from ldm_rt.dit_checkpoints import convert_diffusers, convert_original
+    from ldm_rt.families.dit_class.convert import convert_diffusers, convert_original
 
     if source == "dit-original":
         if vae is None:
