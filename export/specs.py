@@ -50,6 +50,11 @@ class ComponentSpec:
     multiple_of: dict[str, int] = field(default_factory=dict)  # symbolic dim -> it must be k * this
     latent: bool = False  # takes latents: height/width are latent sizes and may be dynamic
     dtype: torch.dtype = torch.float32  # of the exported weights (the module is cast to it)
+    source: str = ""  # the Components module the graph is made from (its weights hash); "": `name`
+
+    @property
+    def source_module(self) -> str:
+        return self.source or self.name
 
     @property
     def input_names(self) -> list[str]:
@@ -136,6 +141,7 @@ def vae_decoder_spec(vae) -> ComponentSpec:
         ),
         module=lambda c: VAEDecoder(c.vae),
         sample=vae_sample,
+        source="vae",
         latent=True,
     )
 

@@ -6,7 +6,7 @@ One *run* is (backend, dtype, resolution). Per run, five stages are timed:
 | --- | --- | --- |
 | `text_encoder` | the text encoder on token ids (tokenization not timed) | 2 x images (CFG) |
 | `denoise_step` | one whole CFG step: the DiT on both halves batched, guidance, scheduler update | 2 x images (CFG) |
-| `denoise_loop` | `Pipeline.denoise` / `denoise_class`: `--steps` DiT calls + scheduler | images |
+| `denoise_loop` | `Pipeline.denoise`: `--steps` DiT calls + scheduler | images |
 | `vae_decode` | `Pipeline.decode` (scaling + VAE decoder) | images |
 | `end_to_end` | `Pipeline.generate`: tokenize, encode, denoise, decode, to PIL | images |
 
@@ -393,41 +393,35 @@ def stage_calls(pipe, px: int, settings: BenchSettings) -> dict[str, Callable[[]
     """stage -> a zero-argument call, or the reason the stage does not apply."""
     from ldm_rt.schedulers import scheduler_from_config
 
-    b, device = settings.batch, pipe.device
-    dit = pipe.config.transformer
+    b, device, family = settings.batch, pipe.device, pipe.family
     g = torch.Generator("cpu").manual_seed(settings.seed)
-    latents = torch.randn(pipe.latent_shape(b, px, px), generator=g).to(device)  # (B, C, h, w) fp32
-    seq_len = (latents.shape[-2] // dit.patch_size) * (latents.shape[-1] // dit.patch_size)
+    noise = torch.randn(pipe.latent_shape(b, px, px), generator=g).to(device)  # (B, C, h, w) fp32
+    latents = family.pack(pipe.config, noise)  # the transformer's layout
     # denoise_step: step 0 of the pipeline's loop, through the backend's run_step (a CUDA graph on triton)
-    scheduler = scheduler_from_config(pipe.scheduler, settings.steps, image_seq_len=seq_len)
+    scheduler = scheduler_from_config(pipe.scheduler, settings.steps,
+                                      image_seq_len=family.image_seq_len(pipe.config, latents))
     calls: dict[str, Callable[[], object] | str] = {}
-    if dit.class_conditional:
-        labels = torch.arange(b) % dit.num_classes  # (B,)
-        y = torch.cat([labels, torch.full_like(labels, dit.num_classes)]).to(device)  # (2B,) [cond; null]
+    vocabulary = pipe.defaults.get("vocabulary")
+    prompts = family.sample_prompts(pipe.config, b)
+    if vocabulary and all(isinstance(p, str) for p in prompts):
+        prompts = [" ".join(vocabulary[:3])] * b  # words the model knows; fits tiny's 32 tokens
+    conditioning = family.encode(pipe, family.prepare(pipe, prompts, None, 1, {}), GUIDANCE)  # the CFG batch
+    if pipe.text_encoder is None:
         calls["text_encoder"] = NO_TEXT_ENCODER
-        class_step = pipe.class_step(scheduler, GUIDANCE, dit.in_channels) if pipe.transformer is not None else None
-        step = lambda: class_step(latents, 0, y)  # noqa: E731
-        loop = lambda: pipe.denoise_class(latents, labels, settings.steps, GUIDANCE)  # noqa: E731
-        e2e = lambda: pipe.generate([int(v) for v in labels], steps=settings.steps, guidance=GUIDANCE,  # noqa: E731
-                                    height=px, width=px, seed=settings.seed)
     else:
-        vocabulary = pipe.defaults.get("vocabulary")
-        prompt = " ".join(vocabulary[:3]) if vocabulary else "a red circle"  # fits tiny's 32 tokens
-        prompts = [prompt] * b
         tokens = pipe.tokenizer([""] * b + prompts)
         ids = tokens.input_ids.to(device)  # (2B, M)
-        states, mask, pooled = pipe.encode_prompt([""] * b + prompts)  # (2B, M, D), (2B, M), (2B, D)
         calls["text_encoder"] = lambda: pipe.text_encoder(ids)
-        text_step = pipe.text_step(scheduler, GUIDANCE) if pipe.transformer is not None else None
-        step = lambda: text_step(latents, 0, states, mask, pooled)  # noqa: E731
-        loop = lambda: pipe.denoise(latents, states, mask, pooled, settings.steps, GUIDANCE)  # noqa: E731
-        e2e = lambda: pipe.generate(prompts, steps=settings.steps, guidance=GUIDANCE, height=px, width=px,  # noqa: E731
-                                    seed=settings.seed)
+    step_fn = pipe.step(scheduler, GUIDANCE) if pipe.transformer is not None else None
+    step = lambda: step_fn(latents, 0, *conditioning)  # noqa: E731
+    loop = lambda: pipe.denoise(latents, *conditioning, steps=settings.steps, guidance=GUIDANCE)  # noqa: E731
+    e2e = lambda: pipe.generate(prompts, steps=settings.steps, guidance=GUIDANCE, height=px, width=px,  # noqa: E731
+                                seed=settings.seed)
     if pipe.transformer is None:
         calls.update(denoise_step=NO_DIFFUSERS_DIT, denoise_loop=NO_DIFFUSERS_DIT, end_to_end=NO_DIFFUSERS_DIT)
     else:
         calls.update(denoise_step=step, denoise_loop=loop, end_to_end=e2e)
-    calls["vae_decode"] = lambda: pipe.decode(latents)
+    calls["vae_decode"] = lambda: pipe.decode(noise)
     return {stage: calls[stage] for stage in STAGES}
 
 

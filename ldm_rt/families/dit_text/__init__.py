@@ -197,7 +197,7 @@ class DiTTextFamily(Family):
         return StepFunction("text", fn, static, batch_factor=2 if static["do_cfg"] else 1)
 
     def sample_prompts(self, config, batch):
-        return ["a red circle"] * batch
+        return ["a red circle on the left"] * batch
 
     def pipeline_methods(self, pipe):
         def text_step(scheduler, guidance: float):
