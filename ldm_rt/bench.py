@@ -249,15 +249,15 @@ def device_label(info: dict) -> str:
 def load_components(model_dir: Path | None, preset: str | None, seed: int = 0):
     """(Components, description). A preset gets seeded non-zero random weights, as `init-model`
     writes them (`random_components`, kept in memory: nothing is written to disk)."""
-    from ldm_rt.model_dir import default_model_dir, load_model_dir, random_components
+    from ldm_rt.model_dir import default_model_dir, load_model_dir
 
     if model_dir is not None and preset is not None:
         raise InputError("--model-dir and --preset exclude each other; pass one.")
     if preset is not None:
-        from ldm_rt.configs import ModelConfig
+        from ldm_rt import families
 
-        config = ModelConfig.from_name(preset)
-        return random_components(config, seed), f"preset {preset} (seeded random weights, seed {seed})"
+        family, config = families.preset(preset)
+        return family.random_components(config, seed), f"preset {preset} (seeded random weights, seed {seed})"
     path = model_dir if model_dir is not None else default_model_dir()
     return load_model_dir(path), f"model directory {path}" + ("" if model_dir is not None else " (built-in demo)")
 

@@ -86,6 +86,7 @@ class Pipeline:
             raise InputError("fp16 is not supported on the CPU; use --dtype fp32 or bf16 there.")
         self.backend = backend
         self.family = families.for_components(components)
+        self.components = components  # the reference modules (a family's extra encoders are read here)
         self.config = components.config
         self.defaults = dict(components.defaults)
         runtime = load_backend(backend, components, self.device, self.precision, onnx_dir=onnx_dir)

@@ -64,9 +64,10 @@ torch.Generator("cpu").manual_seed(seed))` in fp32 on the CPU, as diffusers does
   `text_encoder` (CLIP), `text_encoder_2` (T5, fixed length), `vae_decoder`; external data > 2 GB.
 - `presets`: flux-tiny, flux-schnell, flux-dev; `random_components` and `save` write the
   diffusers FluxPipeline layout.
-The backends today wrap `text_encoder`, `transformer` and `vae` (`backends.Runtime`); the Flux
-family's second encoder runs eagerly through `pipe.components`, or the Runtime grows a dict of
-encoders when an accelerated T5 is wanted.
+Not yet generic (the Flux work extends them): the backends wrap `text_encoder`, `transformer`
+and `vae` (`backends.Runtime`), so the Flux family's T5 runs from `pipe.components` (eager, on
+the device the family puts it) until the Runtime holds one callable per export spec; parity's
+per-graph callables are the same three names.
 """
 
 from __future__ import annotations
