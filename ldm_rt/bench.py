@@ -277,16 +277,6 @@ class _HFTextEncoder:
         return out.last_hidden_state, out.pooler_output
 
 
-class _HFDiT:
-    """diffusers' DiTTransformer2DModel with the backend call signature."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, latents, timestep, class_labels=None):
-        return self.model(latents, timestep=timestep, class_labels=class_labels).sample
-
-
 class _HFVae:
     def __init__(self, model):
         self.model = model
@@ -321,25 +311,6 @@ def diffusers_vae(ours):
     return hf.requires_grad_(False)
 
 
-def diffusers_dit(ours):
-    """diffusers DiTTransformer2DModel with our class-conditional DiT's weights (dit_checkpoints key map).
-
-    diffusers computes with its own conventions (timestep frequencies / (half - 1), MLP LayerNorm
-    eps 1e-5); the shapes and the work are the same, which is what a latency baseline needs."""
-    from ldm_rt.dit_checkpoints import to_diffusers
-    from ldm_rt.errors import require
-
-    diffusers = require("diffusers", "test", "the diffusers DiTTransformer2DModel baseline")
-    c = ours.config
-    hf = diffusers.DiTTransformer2DModel(
-        num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads, in_channels=c.in_channels,
-        out_channels=c.output_channels, num_layers=c.depth, sample_size=c.sample_size, patch_size=c.patch_size,
-        num_embeds_ada_norm=c.num_classes,
-    ).eval()
-    hf.load_state_dict(to_diffusers(ours.state_dict(), c), strict=True)
-    return hf.requires_grad_(False)
-
-
 def make_pipeline(backend: str, components, device: torch.device, dtype: str):
     """A Pipeline for `backend` on a private copy of `components`; raises _Skip or LdmRtError."""
     from ldm_rt.backends import check_backend
@@ -366,10 +337,12 @@ def make_pipeline(backend: str, components, device: torch.device, dtype: str):
         if pipe.text_encoder is not None:
             pipe.text_encoder = _HFTextEncoder(like(transformers_text_encoder(pipe.text_encoder), pipe.text_encoder))
         pipe.vae = _HFVae(like(diffusers_vae(pipe.vae), pipe.vae))
-        if pipe.config.transformer.class_conditional:
-            pipe.transformer = _HFDiT(like(diffusers_dit(pipe.transformer), pipe.transformer))
+        ours = pipe.transformer
+        twin = pipe.family.diffusers_transformer(ours, lambda theirs: like(theirs, ours))
+        if isinstance(twin, str):  # no diffusers twin: its stages are skipped; free our copy
+            pipe.transformer, pipe.no_transformer_reason = None, twin
         else:
-            pipe.transformer = None  # no diffusers twin: its stages are skipped; free our copy
+            pipe.transformer = twin
         del parts
         gc.collect()
         return pipe
@@ -383,8 +356,6 @@ def _reason(exc: BaseException) -> str:
     return f"failed: {type(exc).__name__}: {(lines[0] if lines else '')[:300]}"
 
 
-NO_DIFFUSERS_DIT = ("diffusers has no implementation of ldm-rt's text-conditioned DiT (RoPE, cross-attention); "
-                    "only class-conditional DiTs map onto DiTTransformer2DModel")
 NO_TEXT_ENCODER = "class-conditional model: no text encoder (class labels index a table)"
 
 
@@ -418,7 +389,8 @@ def stage_calls(pipe, px: int, settings: BenchSettings) -> dict[str, Callable[[]
     e2e = lambda: pipe.generate(prompts, steps=settings.steps, guidance=GUIDANCE, height=px, width=px,  # noqa: E731
                                 seed=settings.seed)
     if pipe.transformer is None:
-        calls.update(denoise_step=NO_DIFFUSERS_DIT, denoise_loop=NO_DIFFUSERS_DIT, end_to_end=NO_DIFFUSERS_DIT)
+        reason = pipe.no_transformer_reason
+        calls.update(denoise_step=reason, denoise_loop=reason, end_to_end=reason)
     else:
         calls.update(denoise_step=step, denoise_loop=loop, end_to_end=e2e)
     calls["vae_decode"] = lambda: pipe.decode(noise)

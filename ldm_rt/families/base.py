@@ -26,6 +26,7 @@ What a family declares, and who asks:
 | `step(pipe, scheduler, guidance, options)` | the pure denoising-step function (`StepFunction`) | `Pipeline.step` |
 | `export_specs(config)` | fp32 `ComponentSpec`s, one per exported graph, in export order | `export.specs.component_specs` |
 | `sample_prompts(config, batch)` | prompts the model takes, for bench and parity | bench, parity |
+| `diffusers_transformer(ours, place)` | diffusers' twin of the transformer, or why there is none | bench's `diffusers` baseline |
 | `pipeline_methods(pipe)` | family helpers the pipeline exposes as attributes (`encode_prompt`, `denoise_class`) | `Pipeline.__init__` |
 
 **The step function** is the flux `sampling.py` shape: a pure function of tensors,
@@ -179,6 +180,12 @@ class Family:
     def sample_prompts(self, config, batch: int) -> list:
         """`batch` prompts this family's model takes (bench, parity)."""
         return ["a red circle"] * batch
+
+    def diffusers_transformer(self, ours, place: Callable) -> Callable | str:
+        """`ldm-rt bench`'s `diffusers` baseline: diffusers' implementation of `ours` holding its
+        weights, with the backend call signature (`place` moves a diffusers module to ours' device
+        and dtype); or a string saying why there is none."""
+        return f"diffusers has no implementation of the {self.name} transformer"
 
     def pipeline_methods(self, pipe) -> dict[str, Callable]:
         """Family helpers that `pipe` exposes as attributes (kept for the families' own API)."""

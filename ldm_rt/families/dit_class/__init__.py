@@ -162,6 +162,11 @@ class DiTClassFamily(Family):
     def sample_prompts(self, config, batch):
         return [i % config.transformer.num_classes for i in range(batch)]
 
+    def diffusers_transformer(self, ours, place):
+        from ldm_rt.families.dit_class.baseline import _HFDiT, diffusers_dit
+
+        return _HFDiT(place(diffusers_dit(ours)))
+
     def pipeline_methods(self, pipe):
         num_classes = pipe.config.transformer.num_classes
 

@@ -199,6 +199,10 @@ class DiTTextFamily(Family):
     def sample_prompts(self, config, batch):
         return ["a red circle on the left"] * batch
 
+    def diffusers_transformer(self, ours, place):
+        return ("diffusers has no implementation of ldm-rt's text-conditioned DiT (RoPE, cross-attention); "
+                "only class-conditional DiTs map onto DiTTransformer2DModel")
+
     def pipeline_methods(self, pipe):
         def text_step(scheduler, guidance: float):
             """step(latents, i, text_states, text_mask, pooled) -> the latents after step i."""
