@@ -64,19 +64,13 @@ def _sha256_module(h, module: nn.Module) -> None:
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
-# Which model component each exported graph is made from.
-_SOURCE = {"text_encoder": "text_encoder", "transformer": "transformer", "vae_decoder": "vae"}
-
-
 def component_digests(components) -> dict[str, str]:
     """sha256 of each component's config and weights. Hashing reads every weight (seconds for a
     2.7 GB DiT-XL/2), so callers compute this once and pass it on."""
     digests = {}
-    for name in ("text_encoder", "transformer", "vae"):
-        if getattr(components, name) is None:  # a class-conditional DiT has no text encoder
-            continue
+    for name, module in components.modules().items():
         h = hashlib.sha256()
-        _sha256_module(h, getattr(components, name))
+        _sha256_module(h, module)
         digests[name] = h.hexdigest()
     return digests
 
@@ -211,21 +205,22 @@ def export_model(
                              f"{BF16_MIN_OPSET}); use --opset {BF16_MIN_OPSET} or leave it out.")
         opset = BF16_MIN_OPSET if opset is None else opset
     names = list(dict.fromkeys(components))
-    unknown = [n for n in names if n not in COMPONENT_NAMES]
-    if unknown or not names:
-        raise InputError(f"unknown component(s) {unknown}; choose from {', '.join(COMPONENT_NAMES)}.")
+    if not names:
+        raise InputError(f"no component to export; choose from {', '.join(COMPONENT_NAMES)}.")
     parts = (
         load_model_dir(model_dir_or_components)
         if isinstance(model_dir_or_components, (str, os.PathLike))
         else model_dir_or_components
     )
     out_dir = Path(out_dir).expanduser()
-    specs = component_specs(parts.config, dtype)
+    specs = component_specs(parts.config, dtype)  # the graphs the model's family declares
+    unknown = [n for n in names if n not in specs and n not in COMPONENT_NAMES]
+    if unknown:
+        raise InputError(f"unknown component(s) {unknown}; choose from {', '.join(specs)}.")
     absent = [n for n in names if n not in specs]  # the text encoder of a class-conditional DiT
     names = [n for n in names if n in specs]
     if not names:
-        raise InputError(f"this model has no {', '.join(absent)} (a class-conditional DiT takes class labels, "
-                         "not text); export dit or vae.")
+        raise InputError(f"this model has no {', '.join(absent)} graph; it exports {', '.join(specs)}.")
     if static is not None:
         latent_hw = check_static(parts.config, static)
     writable_dir(out_dir)
@@ -243,14 +238,14 @@ def export_model(
     elif previous.get("components"):
         log(f"{out_dir}: manifest was written with other export options or versions; starting a new one.")
     for name in [n for n in entries if n not in names]:  # listed, not exported now: still current?
-        if entries[name].get("sha256") != _component_key(digests[_SOURCE[name]], specs[name], options):
+        if entries[name].get("sha256") != _component_key(digests[specs[name].source_module], specs[name], options):
             log(f"{name}: dropped from the manifest, its config or weights changed; re-export it.")
             del entries[name]
 
     for name in names:
         spec = specs[name]
         module = _module_in(spec, parts)
-        key = _component_key(digests[_SOURCE[name]], spec, options)
+        key = _component_key(digests[spec.source_module], spec, options)
         path = out_dir / f"{name}.onnx"
         old = entries.get(name)
         if old is not None and old.get("sha256") == key and path.is_file():

@@ -8,9 +8,9 @@ Symbolic dims are strings ("batch", "height", "width"; an output may be "height*
 size times a factor); fixed dims are ints taken from the config. A symbolic latent dim of the DiT must be a multiple of the patch size: the spec
 says so in `multiple_of`, and the exporter turns it into `patch_size * Dim(...)`.
 
-The text encoder's sequence axis is static (= `max_position_embeddings`, 77 for CLIP): the
-tokenizer always pads to that length, and the learned position table has exactly that many
-rows, so a dynamic axis would buy nothing.
+Each model family declares its specs (`Family.export_specs`, e.g.
+`ldm_rt/families/dit_text/specs.py`); this module holds the declaration types, the VAE
+decoder's spec every family shares, and the precision casts.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ class ComponentSpec:
     multiple_of: dict[str, int] = field(default_factory=dict)  # symbolic dim -> it must be k * this
     latent: bool = False  # takes latents: height/width are latent sizes and may be dynamic
     dtype: torch.dtype = torch.float32  # of the exported weights (the module is cast to it)
+    source: str = ""  # the Components module the graph is made from (its weights hash); "": `name`
+
+    @property
+    def source_module(self) -> str:
+        return self.source or self.name
 
     @property
     def input_names(self) -> list[str]:
@@ -79,12 +84,6 @@ class VAEDecoder(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents)
-
-
-def _text_mask(batch: int, seq: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, M) bool, True = attend: a random prefix length per row, at least one real token."""
-    lengths = torch.randint(1, seq + 1, (batch,), generator=generator)
-    return torch.arange(seq)[None, :] < lengths[:, None]
 
 
 def component_specs(config, dtype: str = "fp32") -> dict[str, ComponentSpec]:
@@ -120,61 +119,14 @@ _FP32_ALWAYS = ("timestep",)  # inputs kept fp32 in every precision (see compone
 
 
 def _fp32_specs(config) -> dict[str, ComponentSpec]:
-    if config.transformer.class_conditional:
-        return _class_conditional_specs(config)
-    te, dit, vae = config.text_encoder, config.transformer, config.vae
-    seq, p, f = te.max_position_embeddings, dit.patch_size, vae.scale_factor
+    """What the model's family declares (`Family.export_specs`): the export driver, the backends
+    and parity iterate over these and never name a family."""
+    from ldm_rt import families
 
-    def text_encoder_sample(batch, height, width, g):
-        ids = torch.randint(0, te.vocab_size, (batch, seq), generator=g)
-        eos = torch.randint(1, seq, (batch,), generator=g)  # one EOS per row, at a random place
-        ids[torch.arange(batch), eos] = te.eos_token_id
-        ids[:, 0] = te.bos_token_id
-        return (ids,)
-
-    def transformer_sample(batch, height, width, g):
-        return (
-            torch.randn(batch, dit.in_channels, height, width, generator=g),
-            torch.rand(batch, generator=g) * 1000,  # the scheduler's timestep range
-            torch.randn(batch, seq, dit.context_dim, generator=g),
-            _text_mask(batch, seq, g),
-            torch.randn(batch, dit.pooled_dim, generator=g),
-        )
-
-    f32 = torch.float32
-    return {
-        "text_encoder": ComponentSpec(
-            name="text_encoder",
-            parity_key="text_encoder",
-            inputs=(TensorSpec("input_ids", torch.int64, ("batch", seq)),),
-            outputs=(
-                TensorSpec("last_hidden_state", f32, ("batch", seq, te.hidden_size)),
-                TensorSpec("pooled", f32, ("batch", te.hidden_size)),
-            ),
-            module=lambda c: c.text_encoder,
-            sample=text_encoder_sample,
-        ),
-        "transformer": ComponentSpec(
-            name="transformer",
-            parity_key="transformer",
-            inputs=(
-                TensorSpec("latents", f32, ("batch", dit.in_channels, "height", "width")),
-                TensorSpec("timestep", f32, ("batch",)),
-                TensorSpec("text_states", f32, ("batch", seq, dit.context_dim)),
-                TensorSpec("text_mask", torch.bool, ("batch", seq)),
-                TensorSpec("pooled", f32, ("batch", dit.pooled_dim)),
-            ),
-            outputs=(TensorSpec("prediction", f32, ("batch", dit.output_channels, "height", "width")),),
-            module=lambda c: c.transformer,
-            sample=transformer_sample,
-            multiple_of={"height": p, "width": p},
-            latent=True,
-        ),
-        "vae_decoder": _vae_decoder_spec(vae),
-    }
+    return families.for_config(config).export_specs(config)
 
 
-def _vae_decoder_spec(vae) -> ComponentSpec:
+def vae_decoder_spec(vae) -> ComponentSpec:
     f, f32 = vae.scale_factor, torch.float32
 
     def vae_sample(batch, height, width, g):
@@ -189,48 +141,11 @@ def _vae_decoder_spec(vae) -> ComponentSpec:
         ),
         module=lambda c: VAEDecoder(c.vae),
         sample=vae_sample,
+        source="vae",
         latent=True,
     )
 
 
-class ClassConditionalDiT(nn.Module):
-    """A class-conditional DiT as a module with positional inputs (latents, timestep, class_labels)."""
-
-    def __init__(self, dit: nn.Module):
-        super().__init__()
-        self.dit = dit
-
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        return self.dit(latents, timestep, class_labels=class_labels)
-
-
-def _class_conditional_specs(config) -> dict[str, ComponentSpec]:
-    """A class-conditional DiT (ImageNet DiT, issue 8): no text encoder; the transformer's
-    conditioning input is `class_labels` [batch] int64 (num_classes = the null class of CFG)."""
-    dit, f32 = config.transformer, torch.float32
-
-    def transformer_sample(batch, height, width, g):
-        return (
-            torch.randn(batch, dit.in_channels, height, width, generator=g),
-            torch.rand(batch, generator=g) * 1000,  # the scheduler's timestep range
-            torch.randint(0, dit.num_classes + 1, (batch,), generator=g),  # the null class included
-        )
-
-    transformer = ComponentSpec(
-        name="transformer",
-        parity_key="transformer",
-        inputs=(
-            TensorSpec("latents", f32, ("batch", dit.in_channels, "height", "width")),
-            TensorSpec("timestep", f32, ("batch",)),
-            TensorSpec("class_labels", torch.int64, ("batch",)),
-        ),
-        outputs=(TensorSpec("prediction", f32, ("batch", dit.output_channels, "height", "width")),),
-        module=lambda c: ClassConditionalDiT(c.transformer),
-        sample=transformer_sample,
-        multiple_of={"height": dit.patch_size, "width": dit.patch_size},
-        latent=True,
-    )
-    return {"transformer": transformer, "vae_decoder": _vae_decoder_spec(config.vae)}
-
-
+# The text DiT's graphs, in export order (kept for callers that name them; the generic code asks
+# `component_specs(config)` which graphs a model has).
 COMPONENT_NAMES = ("text_encoder", "transformer", "vae_decoder")

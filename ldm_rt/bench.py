@@ -6,7 +6,7 @@ One *run* is (backend, dtype, resolution). Per run, five stages are timed:
 | --- | --- | --- |
 | `text_encoder` | the text encoder on token ids (tokenization not timed) | 2 x images (CFG) |
 | `denoise_step` | one whole CFG step: the DiT on both halves batched, guidance, scheduler update | 2 x images (CFG) |
-| `denoise_loop` | `Pipeline.denoise` / `denoise_class`: `--steps` DiT calls + scheduler | images |
+| `denoise_loop` | `Pipeline.denoise`: `--steps` DiT calls + scheduler | images |
 | `vae_decode` | `Pipeline.decode` (scaling + VAE decoder) | images |
 | `end_to_end` | `Pipeline.generate`: tokenize, encode, denoise, decode, to PIL | images |
 
@@ -249,15 +249,15 @@ def device_label(info: dict) -> str:
 def load_components(model_dir: Path | None, preset: str | None, seed: int = 0):
     """(Components, description). A preset gets seeded non-zero random weights, as `init-model`
     writes them (`random_components`, kept in memory: nothing is written to disk)."""
-    from ldm_rt.model_dir import default_model_dir, load_model_dir, random_components
+    from ldm_rt.model_dir import default_model_dir, load_model_dir
 
     if model_dir is not None and preset is not None:
         raise InputError("--model-dir and --preset exclude each other; pass one.")
     if preset is not None:
-        from ldm_rt.configs import ModelConfig
+        from ldm_rt import families
 
-        config = ModelConfig.from_name(preset)
-        return random_components(config, seed), f"preset {preset} (seeded random weights, seed {seed})"
+        family, config = families.preset(preset)
+        return family.random_components(config, seed), f"preset {preset} (seeded random weights, seed {seed})"
     path = model_dir if model_dir is not None else default_model_dir()
     return load_model_dir(path), f"model directory {path}" + ("" if model_dir is not None else " (built-in demo)")
 
@@ -275,16 +275,6 @@ class _HFTextEncoder:
     def __call__(self, input_ids):
         out = self.model(input_ids=input_ids)
         return out.last_hidden_state, out.pooler_output
-
-
-class _HFDiT:
-    """diffusers' DiTTransformer2DModel with the backend call signature."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, latents, timestep, class_labels=None):
-        return self.model(latents, timestep=timestep, class_labels=class_labels).sample
 
 
 class _HFVae:
@@ -321,25 +311,6 @@ def diffusers_vae(ours):
     return hf.requires_grad_(False)
 
 
-def diffusers_dit(ours):
-    """diffusers DiTTransformer2DModel with our class-conditional DiT's weights (dit_checkpoints key map).
-
-    diffusers computes with its own conventions (timestep frequencies / (half - 1), MLP LayerNorm
-    eps 1e-5); the shapes and the work are the same, which is what a latency baseline needs."""
-    from ldm_rt.dit_checkpoints import to_diffusers
-    from ldm_rt.errors import require
-
-    diffusers = require("diffusers", "test", "the diffusers DiTTransformer2DModel baseline")
-    c = ours.config
-    hf = diffusers.DiTTransformer2DModel(
-        num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads, in_channels=c.in_channels,
-        out_channels=c.output_channels, num_layers=c.depth, sample_size=c.sample_size, patch_size=c.patch_size,
-        num_embeds_ada_norm=c.num_classes,
-    ).eval()
-    hf.load_state_dict(to_diffusers(ours.state_dict(), c), strict=True)
-    return hf.requires_grad_(False)
-
-
 def make_pipeline(backend: str, components, device: torch.device, dtype: str):
     """A Pipeline for `backend` on a private copy of `components`; raises _Skip or LdmRtError."""
     from ldm_rt.backends import check_backend
@@ -366,10 +337,12 @@ def make_pipeline(backend: str, components, device: torch.device, dtype: str):
         if pipe.text_encoder is not None:
             pipe.text_encoder = _HFTextEncoder(like(transformers_text_encoder(pipe.text_encoder), pipe.text_encoder))
         pipe.vae = _HFVae(like(diffusers_vae(pipe.vae), pipe.vae))
-        if pipe.config.transformer.class_conditional:
-            pipe.transformer = _HFDiT(like(diffusers_dit(pipe.transformer), pipe.transformer))
+        ours = pipe.transformer
+        twin = pipe.family.diffusers_transformer(ours, lambda theirs: like(theirs, ours))
+        if isinstance(twin, str):  # no diffusers twin: its stages are skipped; free our copy
+            pipe.transformer, pipe.no_transformer_reason = None, twin
         else:
-            pipe.transformer = None  # no diffusers twin: its stages are skipped; free our copy
+            pipe.transformer = twin
         del parts
         gc.collect()
         return pipe
@@ -383,8 +356,6 @@ def _reason(exc: BaseException) -> str:
     return f"failed: {type(exc).__name__}: {(lines[0] if lines else '')[:300]}"
 
 
-NO_DIFFUSERS_DIT = ("diffusers has no implementation of ldm-rt's text-conditioned DiT (RoPE, cross-attention); "
-                    "only class-conditional DiTs map onto DiTTransformer2DModel")
 NO_TEXT_ENCODER = "class-conditional model: no text encoder (class labels index a table)"
 
 
@@ -393,41 +364,36 @@ def stage_calls(pipe, px: int, settings: BenchSettings) -> dict[str, Callable[[]
     """stage -> a zero-argument call, or the reason the stage does not apply."""
     from ldm_rt.schedulers import scheduler_from_config
 
-    b, device = settings.batch, pipe.device
-    dit = pipe.config.transformer
+    b, device, family = settings.batch, pipe.device, pipe.family
     g = torch.Generator("cpu").manual_seed(settings.seed)
-    latents = torch.randn(pipe.latent_shape(b, px, px), generator=g).to(device)  # (B, C, h, w) fp32
-    seq_len = (latents.shape[-2] // dit.patch_size) * (latents.shape[-1] // dit.patch_size)
+    noise = torch.randn(pipe.latent_shape(b, px, px), generator=g).to(device)  # (B, C, h, w) fp32
+    latents = family.pack(pipe.config, noise)  # the transformer's layout
     # denoise_step: step 0 of the pipeline's loop, through the backend's run_step (a CUDA graph on triton)
-    scheduler = scheduler_from_config(pipe.scheduler, settings.steps, image_seq_len=seq_len)
+    scheduler = scheduler_from_config(pipe.scheduler, settings.steps,
+                                      image_seq_len=family.image_seq_len(pipe.config, latents))
     calls: dict[str, Callable[[], object] | str] = {}
-    if dit.class_conditional:
-        labels = torch.arange(b) % dit.num_classes  # (B,)
-        y = torch.cat([labels, torch.full_like(labels, dit.num_classes)]).to(device)  # (2B,) [cond; null]
+    vocabulary = pipe.defaults.get("vocabulary")
+    prompts = family.sample_prompts(pipe.config, b)
+    if vocabulary and all(isinstance(p, str) for p in prompts):
+        prompts = [" ".join(vocabulary[:3])] * b  # words the model knows; fits tiny's 32 tokens
+    conditioning = family.encode(pipe, family.prepare(pipe, prompts, None, 1, {}), GUIDANCE)  # the CFG batch
+    if pipe.text_encoder is None:
         calls["text_encoder"] = NO_TEXT_ENCODER
-        class_step = pipe.class_step(scheduler, GUIDANCE, dit.in_channels) if pipe.transformer is not None else None
-        step = lambda: class_step(latents, 0, y)  # noqa: E731
-        loop = lambda: pipe.denoise_class(latents, labels, settings.steps, GUIDANCE)  # noqa: E731
-        e2e = lambda: pipe.generate([int(v) for v in labels], steps=settings.steps, guidance=GUIDANCE,  # noqa: E731
-                                    height=px, width=px, seed=settings.seed)
     else:
-        vocabulary = pipe.defaults.get("vocabulary")
-        prompt = " ".join(vocabulary[:3]) if vocabulary else "a red circle"  # fits tiny's 32 tokens
-        prompts = [prompt] * b
         tokens = pipe.tokenizer([""] * b + prompts)
         ids = tokens.input_ids.to(device)  # (2B, M)
-        states, mask, pooled = pipe.encode_prompt([""] * b + prompts)  # (2B, M, D), (2B, M), (2B, D)
         calls["text_encoder"] = lambda: pipe.text_encoder(ids)
-        text_step = pipe.text_step(scheduler, GUIDANCE) if pipe.transformer is not None else None
-        step = lambda: text_step(latents, 0, states, mask, pooled)  # noqa: E731
-        loop = lambda: pipe.denoise(latents, states, mask, pooled, settings.steps, GUIDANCE)  # noqa: E731
-        e2e = lambda: pipe.generate(prompts, steps=settings.steps, guidance=GUIDANCE, height=px, width=px,  # noqa: E731
-                                    seed=settings.seed)
+    step_fn = pipe.step(scheduler, GUIDANCE) if pipe.transformer is not None else None
+    step = lambda: step_fn(latents, 0, *conditioning)  # noqa: E731
+    loop = lambda: pipe.denoise(latents, *conditioning, steps=settings.steps, guidance=GUIDANCE)  # noqa: E731
+    e2e = lambda: pipe.generate(prompts, steps=settings.steps, guidance=GUIDANCE, height=px, width=px,  # noqa: E731
+                                seed=settings.seed)
     if pipe.transformer is None:
-        calls.update(denoise_step=NO_DIFFUSERS_DIT, denoise_loop=NO_DIFFUSERS_DIT, end_to_end=NO_DIFFUSERS_DIT)
+        reason = pipe.no_transformer_reason
+        calls.update(denoise_step=reason, denoise_loop=reason, end_to_end=reason)
     else:
         calls.update(denoise_step=step, denoise_loop=loop, end_to_end=e2e)
-    calls["vae_decode"] = lambda: pipe.decode(latents)
+    calls["vae_decode"] = lambda: pipe.decode(noise)
     return {stage: calls[stage] for stage in STAGES}
 
 

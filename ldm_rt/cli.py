@@ -130,11 +130,11 @@ def init_model_cmd(directory, preset, seed, dtype, overwrite):
 
     For tests and for benchmarking at real sizes before real weights exist: the images are noise.
     """
-    from ldm_rt.configs import ModelConfig
+    from ldm_rt import families
     from ldm_rt.model_dir import init_model
     from ldm_rt.precision import Precision
 
-    ModelConfig.from_name(preset)  # fail fast on a bad name
+    families.preset(preset)  # fail fast on a bad name (every family's presets)
     path = init_model(directory, preset, seed=seed, dtype=Precision(dtype).dtype, overwrite=overwrite)
     click.echo(f"wrote {preset} model (seed {seed}, {dtype}) to {path}")
 
@@ -246,7 +246,7 @@ CONVERT_SOURCES = ["dit-original", "dit-diffusers"]
 @click.option("--overwrite", is_flag=True, help="Replace --out if it already holds a model directory.")
 def convert_cmd(source, src, vae, out, num_heads, overwrite):
     """Write a standard ldm-rt model directory from a published DiT checkpoint."""
-    from ldm_rt.dit_checkpoints import convert_diffusers, convert_original
+    from ldm_rt.families.dit_class.convert import convert_diffusers, convert_original
 
     if source == "dit-original":
         if vae is None:

@@ -25,14 +25,12 @@ from typing import Any
 
 import torch
 
-from ldm_rt.configs import DIT_DDIM_SCHEDULER, DiTConfig, VAEConfig, read_json
+from ldm_rt.configs import DiTConfig, VAEConfig, read_json
 from ldm_rt.errors import ConfigError, ModelDirError, WeightsError
 from ldm_rt.weights import key_problems, load_strict, read_safetensors
 
 DIFFUSERS_DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-# What diffusers' DiTPipeline.__call__ defaults to.
-DIT_PIPELINE_DEFAULTS = {"steps": 50, "guidance": 4.0}
 # DiT paper sizes: hidden -> heads (the head count is not in an original state dict).
 _HEADS_BY_HIDDEN = {384: 6, 768: 12, 1024: 16, 1152: 16}
 
@@ -288,51 +286,3 @@ def load_vae_dir(vae_dir: Path):
     vae = AutoencoderKL(VAEConfig.from_dict(read_json(vae_dir / "config.json", "vae config")))
     load_strict(vae, read_safetensors(vae_dir / DIFFUSERS_WEIGHTS, "vae"), "vae")
     return vae.eval().requires_grad_(False)
-
-
-def load_dit_pipeline_dir(root: Path, index: dict[str, Any]):
-    """A diffusers `DiTPipeline` directory -> `Components` (converted on load; no text encoder)."""
-    from ldm_rt.model_dir import Components, check_compatible
-    from ldm_rt.models.dit import DiT
-
-    for name in ("transformer", "vae", "scheduler"):
-        if not (root / name).is_dir():
-            raise ModelDirError(f"DiTPipeline directory {root} has no '{name}/' component folder.")
-    config = config_from_diffusers(read_json(root / "transformer" / "config.json", "transformer config"))
-    vae_config = VAEConfig.from_dict(read_json(root / "vae" / "config.json", "vae config"))
-    check_compatible(None, config, vae_config)
-    transformer = DiT(config)
-    weights = read_safetensors(root / "transformer" / DIFFUSERS_WEIGHTS, "transformer")
-    load_strict(transformer, from_diffusers(weights, config), "transformer")
-    vae = load_vae_dir(root / "vae")
-    scheduler = read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
-    transformer.eval().requires_grad_(False)
-    return Components(None, None, transformer, vae, scheduler, dict(DIT_PIPELINE_DEFAULTS))
-
-
-def convert_original(checkpoint: str | Path, vae_dir: str | Path, out: str | Path, num_heads: int | None = None,
-                     overwrite: bool = False) -> Path:
-    """`ldm-rt convert --from dit-original FILE --vae DIR --out DIR`: a standard ldm-rt model directory."""
-    from ldm_rt.model_dir import Components, check_compatible, prepare_out_dir, save_model_dir
-    from ldm_rt.models.dit import DiT
-
-    state_dict = read_original_checkpoint(checkpoint)
-    config = config_from_original(state_dict, num_heads)
-    vae = load_vae_dir(Path(vae_dir))
-    check_compatible(None, config, vae.config)
-    root = prepare_out_dir(out, overwrite)
-    transformer = DiT(config)
-    load_strict(transformer, from_original(state_dict, config), "transformer")
-    transformer.eval().requires_grad_(False)
-    components = Components(None, None, transformer, vae, dict(DIT_DDIM_SCHEDULER), dict(DIT_PIPELINE_DEFAULTS))
-    return save_model_dir(components, root)
-
-
-def convert_diffusers(model_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """`ldm-rt convert --from dit-diffusers DIR --out DIR`: a DiTPipeline directory, rewritten in ldm-rt's layout."""
-    from ldm_rt.model_dir import load_model_dir, prepare_out_dir, save_model_dir
-
-    components = load_model_dir(model_dir)
-    if not components.transformer.config.class_conditional:
-        raise ModelDirError(f"{model_dir} is not a diffusers DiTPipeline directory.")
-    return save_model_dir(components, prepare_out_dir(out, overwrite))

@@ -24,7 +24,6 @@ from ldm_rt import parity
 from ldm_rt.errors import NonFiniteError
 from ldm_rt.precision import Precision
 
-PROMPT = "a red circle on the left"
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ def run_parity(
     height = width = ref_pipe.defaults.get("height", ref_pipe.default_size)
     width = ref_pipe.defaults.get("width", width)
     kwargs = dict(steps=steps, seed=seed, height=height, width=width)
-    prompt = PROMPT if getattr(config.transformer, "num_classes", None) is None else "0"  # a class index
+    prompt = ref_pipe.family.sample_prompts(config, 1)[0]  # text, or a class index
     expected = np.array(ref_pipe.generate(prompt, **kwargs).images[0])
     try:
         got = np.array(pipe.generate(prompt, **kwargs).images[0])

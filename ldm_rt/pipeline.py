@@ -1,23 +1,17 @@
-"""Text encoder -> DiT denoising loop with classifier-free guidance -> VAE decoder.
+"""Prompt -> conditioning -> denoising loop -> VAE decoder, for any model family.
 
+The loop is generic; what differs between families (prompt encoding, the step function with its
+guidance, the latent layout, defaults) is asked from the model's `Family` (`ldm_rt/families/`).
 Conventions follow diffusers so the same seed draws the same image:
-- initial latents: `torch.randn((B, C, h, w), generator=torch.Generator("cpu").manual_seed(seed))`
-  in fp32 on the CPU, then moved to the device;
-- CFG: `uncond + g * (cond - uncond)`, both halves in one batched DiT call ([uncond; cond]),
-  no unconditional half when g <= 1;
+- initial latents: `torch.randn(family.latent_shape(...), generator=torch.Generator("cpu").manual_seed(seed))`
+  in fp32 on the CPU, then moved to the device and packed into the transformer's layout;
 - images: `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
-
-A class-conditional DiT (ImageNet classes as prompts) samples as diffusers' `DiTPipeline` does:
-see `denoise_class`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,43 +24,10 @@ from ldm_rt.errors import InputError, NonFiniteError
 from ldm_rt.precision import Precision
 from ldm_rt.schedulers import scheduler_from_config
 
+# What a family without defaults of its own samples with (`Family.default_steps`/`default_guidance`).
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 4.0
 
-
-# ------------------------------------------------------------------------------ one denoising step
-# Pure tensor functions with no host sync, handed to the backend's `run_step` so the triton
-# backend can capture a whole step (DiT, CFG, scheduler update) in one CUDA graph. Everything
-# not a tensor is bound before (functools.partial) and named in the step's cache key.
-
-
-def text_cfg_step(transformer, update, latents, t, coefficients, guidance, text_states, text_mask, pooled, *,
-                  do_cfg: bool, dtype: torch.dtype) -> torch.Tensor:
-    """latents (B, C, h, w) fp32 -> the latents after one step. t (B',) is the step's timestep,
-    `coefficients` the scheduler's for the step, guidance a 0-d fp32 tensor; with CFG the text
-    inputs are [uncond; cond] (B' = 2B) and the DiT runs once on [latents; latents]."""
-    model_in = torch.cat([latents, latents]) if do_cfg else latents
-    out = transformer(model_in.to(dtype), t, text_states, text_mask, pooled).float()
-    if do_cfg:
-        uncond, cond = out.chunk(2)
-        out = uncond + guidance * (cond - uncond)
-    return update(latents, out, coefficients)
-
-
-def class_cfg_step(transformer, update, latents, t, coefficients, guidance, labels, *, do_cfg: bool,
-                   dtype: torch.dtype, channels: int, guided_channels: int) -> torch.Tensor:
-    """`text_cfg_step` for a class-conditional DiT (see `Pipeline.denoise_class`): labels are
-    [cond; null] with CFG; the learned-variance half of the output is dropped, and guidance
-    steers the first `guided_channels` latent channels."""
-    model_in = torch.cat([latents, latents]) if do_cfg else latents
-    out = transformer(model_in.to(dtype), t, class_labels=labels).float()
-    eps = out[:, :channels]  # (B', C, h, w): drop the learned variance
-    if do_cfg:
-        k = guided_channels
-        cond, uncond = eps.chunk(2)
-        guided = uncond[:, :k] + guidance * (cond[:, :k] - uncond[:, :k])
-        eps = torch.cat([guided, cond[:, k:]], dim=1)
-    return update(latents, eps, coefficients)
 
 
 @dataclass
@@ -118,20 +79,27 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 class Pipeline:
-    """Text-to-image with a DiT. Build with `Pipeline.from_pretrained(path)`.
+    """Text-to-image (or class-to-image) with a latent diffusion transformer. Build with
+    `Pipeline.from_pretrained(path)`.
 
     Attributes: `text_encoder`, `transformer`, `vae` (backend callables with the reference
     modules' signatures), `tokenizer`, `scheduler` (the scheduler config dict from
-    `scheduler/scheduler_config.json`; a fresh pure scheduler is made from it for each call).
+    `scheduler/scheduler_config.json`; a fresh pure scheduler is made from it for each call),
+    `family` (the model's `Family`), and the family's own helpers (`Family.pipeline_methods`:
+    `encode_prompt` for a text DiT, `denoise_class` for a class DiT).
     """
 
     def __init__(self, components, backend: str = "torch", device=None, dtype=None, onnx_dir=None):
+        from ldm_rt import families
+
         self.device = resolve_device(device)
         self.precision = Precision.parse(dtype) or Precision.default_for(self.device)
         # torch's CPU fp16 kernels are incomplete; onnxruntime's CPU provider runs fp16 graphs.
         if self.device.type == "cpu" and self.precision is Precision.FP16 and backend != "onnxruntime":
             raise InputError("fp16 is not supported on the CPU; use --dtype fp32 or bf16 there.")
         self.backend = backend
+        self.family = families.for_components(components)
+        self.components = components  # the reference modules (a family's extra encoders are read here)
         self.config = components.config
         self.defaults = dict(components.defaults)
         runtime = load_backend(backend, components, self.device, self.precision, onnx_dir=onnx_dir)
@@ -142,6 +110,8 @@ class Pipeline:
         self.run_step = runtime.run_step
         self.tokenizer = components.tokenizer
         self.scheduler = dict(components.scheduler_config)
+        for name, method in self.family.pipeline_methods(self).items():
+            setattr(self, name, method)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "torch", device=None, dtype=None) -> Pipeline:
@@ -158,101 +128,48 @@ class Pipeline:
     @property
     def default_size(self) -> int:
         """Image side in pixels when neither the call nor the model's defaults give one."""
-        return self.config.transformer.sample_size * self.vae_scale_factor
+        return self.family.default_size(self.config)
 
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
-        multiple = self.vae_scale_factor * self.config.transformer.patch_size
-        for name, value in (("height", height), ("width", width)):
-            if value < multiple or value % multiple:
-                raise InputError(
-                    f"{name} {value} must be a positive multiple of {multiple} "
-                    f"(VAE factor {self.vae_scale_factor} x patch size {self.config.transformer.patch_size})."
-                )
-        f = self.vae_scale_factor
-        return (batch, self.config.transformer.in_channels, height // f, width // f)
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """The shape of the noise drawn for `batch` images (the family's; InputError on a bad size)."""
+        return self.family.latent_shape(self.config, batch, height, width)
 
     # -- stages ----------------------------------------------------------------------------------
 
-    def _warn_unknown_words(self, prompts: list[str]) -> None:
-        """A model trained on a closed caption vocabulary (the demo model's `_ldm_rt_defaults`
-        has `vocabulary`) warns about words outside it: they still tokenise (byte fallback), but
-        the model has never seen them, so the image will not show them."""
-        vocabulary = self.defaults.get("vocabulary")
-        if not vocabulary:
-            return
-        known = set(vocabulary)
-        for prompt in prompts:
-            unknown = sorted({w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in known})
-            if unknown:
-                shown = ", ".join(unknown[:8]) + (", ..." if len(unknown) > 8 else "")
-                warnings.warn(
-                    f"this model does not know the word(s) {shown} (its captions use {len(known)} words); "
-                    "the image will not show them",
-                    stacklevel=3,
-                )
-
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """prompts -> (text_states (B, M, D), text_mask (B, M) bool, pooled (B, D))."""
-        tokens = self.tokenizer(prompts)
-        self._warn_unknown_words(prompts)
-        for prompt, cut in zip(prompts, tokens.truncated):
-            if cut:
-                warnings.warn(
-                    f"prompt truncated to {self.tokenizer.max_length} tokens, as CLIP does: {prompt[:60]!r}...",
-                    stacklevel=3,
-                )
-        ids = tokens.input_ids.to(self.device)
-        states, pooled = self.text_encoder(ids)
-        check_finite(states, "text encoding", self.precision)
-        return states, tokens.attention_mask.to(self.device), pooled
-
-    @torch.no_grad()
-    def denoise(self, latents, text_states, text_mask, pooled, steps: int, guidance: float, progress: bool = False):
-        """The sampling loop. latents (B, C, h, w) fp32; text inputs are [uncond; cond] when g > 1.
+    def denoise(self, latents, *conditioning, steps: int, guidance: float, progress: bool = False, **options):
+        """The sampling loop. latents in the transformer's layout, fp32; `conditioning` the
+        family's tensors (`Family.encode`: for a text DiT (text_states, text_mask, pooled), each
+        [uncond; cond] when g > 1); `options` the family's step options (guidance_channels).
 
         Latents stay in fp32 between steps (the scheduler update is computed in fp32); only the
-        DiT runs in the pipeline's dtype.
+        transformer runs in the pipeline's dtype.
         """
         from tqdm.auto import tqdm
 
-        seq_len = (latents.shape[-2] // self.config.transformer.patch_size) * (
-            latents.shape[-1] // self.config.transformer.patch_size
-        )
+        seq_len = self.family.image_seq_len(self.config, latents)
         scheduler = scheduler_from_config(self.scheduler, steps, image_seq_len=seq_len)
-        step = self.text_step(scheduler, guidance)
+        step = self.step(scheduler, guidance, **options)
         for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
-            latents = step(latents, i, text_states, text_mask, pooled)
+            latents = step(latents, i, *conditioning)
         check_finite(latents, "denoising", self.precision)
         return latents
 
-    def text_step(self, scheduler, guidance: float):
-        """step(latents, i, text_states, text_mask, pooled) -> the latents after step i of
-        `scheduler`: `text_cfg_step` run through the backend's `run_step`."""
-        static = dict(do_cfg=guidance > 1.0, dtype=self.precision.dtype)
-        fn = functools.partial(text_cfg_step, self.transformer, scheduler.update, **static)
-        return self._stepper("text", fn, static, scheduler, guidance)
-
-    def class_step(self, scheduler, guidance: float, guided_channels: int):
-        """step(latents, i, labels) -> the latents after step i: `class_cfg_step` through `run_step`."""
-        static = dict(do_cfg=guidance > 1.0, dtype=self.precision.dtype,
-                      channels=self.config.transformer.in_channels, guided_channels=guided_channels)
-        fn = functools.partial(class_cfg_step, self.transformer, scheduler.update, **static)
-        return self._stepper("class", fn, static, scheduler, guidance)
-
-    def _stepper(self, kind: str, fn, static: dict, scheduler, guidance: float):
+    def step(self, scheduler, guidance: float, **options):
+        """step(latents, i, *conditioning) -> the latents after step i of `scheduler`: the
+        family's pure step function (`Family.step`) run through the backend's `run_step`."""
+        fn = self.family.step(self, scheduler, guidance, options)
         # The key names all that `fn` holds besides its tensor arguments: the step kind, the
         # transformer (bench swaps it), the scheduler's update and the static settings.
-        key = (kind, id(self.transformer), scheduler.update_key, tuple(static.items()))
+        key = (fn.kind, id(self.transformer), scheduler.update_key, tuple(fn.static.items()))
         # The schedule moves to the device once, not once per step
         timesteps = scheduler.timesteps.to(self.device)  # (steps,)
         coefficients = torch.stack([scheduler.coefficients(i) for i in range(scheduler.num_steps)]).to(self.device)
         g = torch.tensor(guidance, dtype=torch.float32, device=self.device)
-        cfg_factor = 2 if static["do_cfg"] else 1
 
         def step(latents, i, *conditioning):
-            t = timesteps[i].expand(cfg_factor * latents.shape[0])
-            return self.run_step(key, fn, latents, t, coefficients[i], g, *conditioning)
+            t = timesteps[i].expand(fn.batch_factor * latents.shape[0])
+            return self.run_step(key, fn.fn, latents, t, coefficients[i], g, *conditioning)
 
         return step
 
@@ -288,15 +205,15 @@ class Pipeline:
         channels CFG steers (None: all, as diffusers' DiTPipeline; 3: the original DiT sample.py).
         `latents` (B, C, h, w), as diffusers' argument of that name: the initial noise, instead of
         `seeded_latents(shape, seed)`."""
-        class_model = self.config.transformer.class_conditional
+        family = self.family
         prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
-        steps = self.defaults.get("steps", DEFAULT_STEPS) if steps is None else steps
-        guidance = self.defaults.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance
+        steps = self.defaults.get("steps", family.default_steps) if steps is None else steps
+        guidance = self.defaults.get("guidance", family.default_guidance) if guidance is None else guidance
         # `is None`, not `or`: an explicit 0 must reach latent_shape's check (InputError), not be
         # replaced silently by the default size (`--height 0` used to give a default-size image).
         height = self.defaults.get("height", self.default_size) if height is None else height
         width = self.defaults.get("width", self.default_size) if width is None else width
-        if not prompts or not all(isinstance(p, str) or (class_model and isinstance(p, int)) for p in prompts):
+        if not prompts or not all(isinstance(p, family.prompt_types) for p in prompts):
             raise InputError("prompt must be a string or a non-empty list of strings.")
         if int(steps) != steps or steps < 1:
             raise InputError(f"steps must be a whole number >= 1, got {steps}.")
@@ -304,77 +221,26 @@ class Pipeline:
             raise InputError(f"guidance must be >= 0, got {guidance}.")
         if num_images < 1:
             raise InputError(f"num_images must be >= 1, got {num_images}.")
-        if class_model:
-            return self._generate_class(prompts, negative_prompt, int(steps), float(guidance), seed, height, width,
-                                        num_images, guidance_channels, progress, latents)
-        if guidance_channels is not None:
-            raise InputError("guidance_channels applies to class-conditional DiTs only.")
-        negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list) else negative_prompt
-        if len(negatives) != len(prompts):
-            raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts.")
-        shape = self.latent_shape(len(prompts) * num_images, height, width)
+        # The family-specific arguments, passed on only when given.
+        options = {k: v for k, v in dict(guidance_channels=guidance_channels).items() if v is not None}
+        return self._sample(prompts, negative_prompt, int(steps), float(guidance), seed, height, width, num_images,
+                            progress, options, latents)
 
+    def _sample(self, prompts, negative_prompt, steps, guidance, seed, height, width, num_images, progress,
+                options, latents=None) -> GenerationResult:
+        """The family's part of `generate`, once the arguments are checked."""
+        family = self.family
+        request = family.prepare(self, prompts, negative_prompt, num_images, options)
+        shape = family.latent_shape(self.config, len(prompts) * num_images, height, width)
         timings: dict[str, float] = {}
         with _stage("text_encoding", self.device, timings):
-            # Each prompt repeated num_images times, as diffusers' num_images_per_prompt.
-            cond = [p for p in prompts for _ in range(num_images)]
-            uncond = [n for n in negatives for _ in range(num_images)]
-            do_cfg = guidance > 1.0
-            states, mask, pooled = self.encode_prompt(uncond + cond if do_cfg else cond)
-        latents = (seeded_latents(shape, seed) if latents is None else _given_latents(latents, shape)).to(self.device)
+            conditioning = family.encode(self, request, guidance)
+        noise = (seeded_latents(shape, seed) if latents is None else _given_latents(latents, shape)).to(self.device)
+        latents = family.pack(self.config, noise)
         with _stage("denoising", self.device, timings):
-            latents = self.denoise(latents, states, mask, pooled, int(steps), float(guidance), progress)
-        with _stage("decoding", self.device, timings):
-            images = to_pil(self.decode(latents))
-        return GenerationResult(images=images, seed=seed, timings=timings)
-
-    # -- class-conditional DiT (ImageNet) ----------------------------------------------------------
-
-    @torch.no_grad()
-    def denoise_class(self, latents, labels, steps: int, guidance: float, guidance_channels: int | None = None,
-                      progress: bool = False):
-        """The sampling loop of diffusers' `DiTPipeline`, step for step. latents (B, C, h, w) fp32,
-        labels (B,) int64.
-
-        - CFG (guidance > 1): one DiT call on [latents; latents] with labels [cond; null], null =
-          num_classes; eps = uncond + g * (cond - uncond) on the first `guidance_channels` latent
-          channels (None: all C, diffusers; 3: facebookresearch/DiT sample.py), the cond half's own
-          prediction on the rest. DiTPipeline steps both halves and keeps the cond one; stepping
-          only the cond half is the same elementwise arithmetic.
-        - learned sigma: the variance half of the output (channels C..2C) is dropped.
-        - the scheduler (DDIM, epsilon) comes from scheduler_config.json.
-        """
-        from tqdm.auto import tqdm
-
-        dit = self.config.transformer
-        channels = dit.in_channels
-        k = channels if guidance_channels is None else guidance_channels
-        if not 1 <= k <= channels:
-            raise InputError(f"guidance_channels {k} must be between 1 and the {channels} latent channels.")
-        seq_len = (latents.shape[-2] // dit.patch_size) * (latents.shape[-1] // dit.patch_size)
-        scheduler = scheduler_from_config(self.scheduler, steps, image_seq_len=seq_len)
-        labels = labels.to(self.device)
-        y = torch.cat([labels, torch.full_like(labels, dit.num_classes)]) if guidance > 1.0 else labels  # (2B,) or (B,)
-        step = self.class_step(scheduler, guidance, k)
-        for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
-            latents = step(latents, i, y)
-        check_finite(latents, "denoising", self.precision)
-        return latents
-
-    def _generate_class(self, prompts, negative_prompt, steps, guidance, seed, height, width, num_images,
-                        guidance_channels, progress, latents=None) -> GenerationResult:
-        from ldm_rt.imagenet import class_index
-
-        if negative_prompt:
-            raise InputError("a class-conditional model takes no negative prompt: guidance steers away from the "
-                             "null class.")
-        dit = self.config.transformer
-        labels = torch.tensor([class_index(p, dit.num_classes) for p in prompts for _ in range(num_images)])
-        shape = self.latent_shape(len(labels), height, width)
-        timings: dict[str, float] = {"text_encoding": 0.0}  # no text: class labels index a table
-        latents = (seeded_latents(shape, seed) if latents is None else _given_latents(latents, shape)).to(self.device)
-        with _stage("denoising", self.device, timings):
-            latents = self.denoise_class(latents, labels, steps, guidance, guidance_channels, progress)
+            latents = self.denoise(latents, *conditioning, steps=steps, guidance=guidance, progress=progress,
+                                   **options)
+        latents = family.unpack(self.config, latents, height, width)
         with _stage("decoding", self.device, timings):
             images = to_pil(self.decode(latents))
         return GenerationResult(images=images, seed=seed, timings=timings)

@@ -39,6 +39,15 @@ def test_wheel_has_no_top_level_kernels_or_export(wheel):
     assert not [n for n in names if n.startswith("ldm_rt/demo/checkpoints/")]
 
 
+def test_wheel_holds_every_package_folder(wheel):
+    """The package list in pyproject.toml is explicit (kernels/ and export/ are mapped): a new
+    folder left out of it would be missing from the wheel while an editable install still works."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    folders = [p.parent.relative_to(ROOT) for p in (ROOT / "ldm_rt").rglob("__init__.py")]
+    missing = [str(f) for f in folders if f"{f.as_posix()}/__init__.py" not in names]
+    assert not missing, missing
+
+
 def test_wheel_installs_and_imports_the_namespaced_packages(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],

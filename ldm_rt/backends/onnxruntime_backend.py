@@ -124,17 +124,22 @@ class _TextEncoder:
 
 
 class _Transformer:
+    """The transformer graph with the reference module's call signature: positional inputs in the
+    spec's order, keyword inputs by the spec's names (a family's transformer takes its own
+    conditioning inputs: text states, class labels, ...)."""
+
     def __init__(self, graph: OrtComponent):
         self.graph = graph
 
-    def __call__(self, latents, timestep, text_states=None, text_mask=None, pooled=None, class_labels=None):
+    def __call__(self, latents, timestep, *args, **kwargs):
         if timestep.dim() == 0:
             timestep = timestep.expand(latents.shape[0])
-        if class_labels is not None:  # a class-conditional DiT's graph: (latents, timestep, class_labels)
-            return self.graph(latents, timestep, class_labels)[0]
-        if text_mask is None:
-            text_mask = torch.ones(text_states.shape[:2], dtype=torch.bool, device=text_states.device)
-        return self.graph(latents, timestep, text_states, text_mask, pooled)[0]
+        names = self.graph.spec.input_names
+        feeds = {**dict(zip(names, (latents, timestep, *args))), **kwargs}
+        if "text_mask" in names and feeds.get("text_mask") is None:  # no mask: every token attends
+            states = feeds["text_states"]
+            feeds["text_mask"] = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        return self.graph(*[feeds[n] for n in names])[0]
 
 
 class _VAE:
@@ -179,12 +184,12 @@ def load(components, device: torch.device, precision: Precision, onnx_dir: str |
     model by `open_onnx_dir`), else exported on first use into the cache."""
     from ldm_rt.export.onnx_dir import open_onnx_dir
     from ldm_rt.export.onnx_export import component_digests, export_model
-    from ldm_rt.export.specs import COMPONENT_NAMES, component_specs
+    from ldm_rt.export.specs import component_specs
 
     providers = check(device, precision)
     digests = component_digests(components)  # hash the weights once for the cache key and the export
     specs = component_specs(components.config, precision.value)
-    names = [n for n in COMPONENT_NAMES if n in specs]  # a class-conditional DiT has no text encoder
+    names = list(specs)  # the graphs the model's family declares
     if onnx_dir is not None:
         out = Path(onnx_dir).expanduser()
         manifest = open_onnx_dir(out, components, precision.value, names, digests)

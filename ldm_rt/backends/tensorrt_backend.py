@@ -194,14 +194,15 @@ def check(device: torch.device, precision: Precision = Precision.FP32):
 def load(components, device: torch.device, precision: Precision) -> Runtime:
     from ldm_rt.backends.onnxruntime_backend import _VAE, _TextEncoder, _Transformer
     from ldm_rt.export.onnx_export import component_digests, export_model
-    from ldm_rt.export.specs import COMPONENT_NAMES, component_specs
+    from ldm_rt.export.specs import component_specs
     from ldm_rt.export.tensorrt import Geometry, build_engines, profile_points
 
     system = check(device, precision)  # tensorrt, CUDA and a buildable precision, before any export work
     digests = component_digests(components)
     out = engine_dir(components, precision, digests)
+    names = list(component_specs(components.config))  # the graphs the model's family declares
     # The graphs carry the precision: strongly typed engines compute in their graphs' types.
-    export_model(components, out, COMPONENT_NAMES, dtype=precision.value, digests=digests)
+    export_model(components, out, names, dtype=precision.value, digests=digests)
     engines = build_engines(out, out, precision=precision.value, geometry=Geometry.from_config(components.config),
                             system=system)
     specs = component_specs(components.config, precision.value)
@@ -209,9 +210,9 @@ def load(components, device: torch.device, precision: Precision) -> Runtime:
     hint = (f"the tensorrt backend builds its engines for {lo.batch} to {hi.batch} images of "
             f"{lo.height}x{lo.width} to {hi.height}x{hi.width} px")
     graph = os.environ.get("LDM_RT_TENSORRT_CUDA_GRAPH", "") not in ("", "0")
-    parts = {name: TrtEngine(engines[name], specs[name], device, graph, hint) for name in COMPONENT_NAMES}
+    parts = {name: TrtEngine(engines[name], specs[name], device, graph, hint) for name in names}
     return Runtime(
-        text_encoder=_TextEncoder(parts["text_encoder"]),
+        text_encoder=_TextEncoder(parts["text_encoder"]) if "text_encoder" in parts else None,
         transformer=_Transformer(parts["transformer"]),
         vae=_VAE(parts["vae_decoder"]),
         vae_dtype=parts["vae_decoder"].dtypes["latents"],

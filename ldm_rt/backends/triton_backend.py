@@ -11,7 +11,7 @@ whole CFG denoising step replayed from a CUDA graph.
   attention has head dim 512, above the kernel's 256; both run once per image, not per step).
 - CUDA graphs (`StepGraphs`, the runtime's `run_step`): the pipeline hands over each denoising
   step as one pure function (the DiT call on [latents; latents], the CFG combination, the
-  scheduler update, see `ldm_rt.pipeline.text_cfg_step`) with its tensors: latents, timestep,
+  scheduler update, see `Family.step`, e.g. `ldm_rt.families.dit_text.text_cfg_step`) with its tensors: latents, timestep,
   the scheduler's coefficients for the step, the guidance scale, the conditioning. The first
   step with a new key and input signature (shapes, dtypes: one per batch and resolution) warms
   up on a side stream (Triton JIT, cuBLAS handles), then is captured into a graph reading static

@@ -1,0 +1,201 @@
+"""The model-family seam: what one family of latent diffusion transformers declares.
+
+A **family** is a folder, `ldm_rt/families/<name>/`, holding one `Family` object. It owns
+everything that differs between model families; the generic code (the pipeline's sampling loop,
+the backends, the export driver, parity, bench, the CLI) asks the family and never names one.
+Adding a family means adding a folder and one `register()` line in `ldm_rt/families/__init__.py`
+(or a `register()` call from the user's own module, as `tests/test_families.py` does): no
+generic file changes.
+
+What a family declares, and who asks:
+
+| declaration | what it is | asked by |
+| --- | --- | --- |
+| `name`, `pipeline_classes` | `model_index.json` `_class_name`s it loads (diffusers' `DiffusionPipeline` convention) | `model_dir.load_model_dir` |
+| `recognizes(index, root)` | finer recognition (two families sharing a class name) | `model_dir.load_model_dir` |
+| `owns(config)` | whether a config (a preset, `Components.config`) is this family's | export specs, presets |
+| `load(root, index)` / `save(...)` | read / write a model directory: components, key maps, checks | `model_dir` |
+| `presets()`, `random_components(config, seed)` | `init-model` presets and seeded random models | `model_dir.init_model`, bench |
+| `default_steps`, `default_guidance`, `default_size(config)` | run defaults when the directory's `_ldm_rt_defaults` has none | `Pipeline.generate` |
+| `prompt_types` | what one prompt may be (text; class names or indices) | `Pipeline.generate` |
+| `prepare(pipe, prompts, negative_prompt, num_images, options)` | cheap checks of a request, no model call; returns the family's request | `Pipeline.generate` |
+| `encode(pipe, request, guidance)` | prompts -> the conditioning tensors of every step, in the step's batch layout | `Pipeline.generate` ("text_encoding" stage) |
+| `latent_shape(config, batch, height, width)` | the noise drawn (diffusers' seeding draws exactly this shape), with the size checks | `Pipeline.generate` |
+| `pack(config, noise)` / `unpack(config, latents, height, width)` | noise -> the transformer's token layout, and back before the VAE (identity for DiT; Flux packs 2x2 patches into 64-wide tokens) | `Pipeline.generate` |
+| `image_seq_len(config, latents)` | image tokens, for a schedule that depends on them (dynamic shift) | `Pipeline.denoise` |
+| `step(pipe, scheduler, guidance, options)` | the pure denoising-step function (`StepFunction`) | `Pipeline.step` |
+| `export_specs(config)` | fp32 `ComponentSpec`s, one per exported graph, in export order | `export.specs.component_specs` |
+| `sample_prompts(config, batch)` | prompts the model takes, for bench and parity | bench, parity |
+| `diffusers_transformer(ours, place)` | diffusers' twin of the transformer, or why there is none | bench's `diffusers` baseline |
+| `pipeline_methods(pipe)` | family helpers the pipeline exposes as attributes (`encode_prompt`, `denoise_class`) | `Pipeline.__init__` |
+
+**The step function** is the flux `sampling.py` shape: a pure function of tensors,
+`fn(latents, t, coefficients, guidance, *conditioning) -> latents`, with everything that is not
+a tensor bound before (`functools.partial`) and listed in `static`, so that the backend's
+`run_step` may capture it in one CUDA graph (triton) keyed by `(kind, static)`. `t` arrives
+expanded to `batch_factor * B` (2 for a CFG batch), `guidance` as a 0-d fp32 tensor, the
+scheduler's update is bound into `fn`. Latents stay fp32 between steps.
+
+**Seeding is generic**: the pipeline draws `torch.randn(latent_shape(...), generator=
+torch.Generator("cpu").manual_seed(seed))` in fp32 on the CPU, as diffusers does, then
+`pack`s it. So a family that samples like a diffusers pipeline gets the same noise.
+
+## What a Flux family would implement (`ldm_rt/families/flux/`)
+
+- `pipeline_classes = ("FluxPipeline",)`; `load` reads `transformer/` and `text_encoder_2/` as
+  sharded safetensors (`*.safetensors.index.json`, streamed into the target dtype),
+  `text_encoder/` + `tokenizer/` (CLIP: pooled output only), `tokenizer_2/` (T5, tokenizer.json);
+  it returns a `Components` subclass with `text_encoder_2` and `tokenizer_2` fields and a config
+  type of its own (`owns` tests `isinstance(config, FluxModelConfig)`).
+- `prepare`: T5 `max_sequence_length` from the defaults (256 schnell, 512 dev); a warning that
+  `guidance` is ignored when the transformer has no guidance embedder (schnell).
+- `encode`: CLIP pooled (B, 768) + T5 states (B, 256|512, 4096) + `txt_ids` zeros (B, L, 3);
+  no unconditional half unless true CFG (`true_cfg_scale` with a negative prompt) is asked.
+- `latent_shape`: (B, 16, 2*ceil(H/16), 2*ceil(W/16)) with a size check of multiples of 16;
+  `pack`: (B, 16, h, w) -> (B, h/2 * w/2, 64) (diffusers' `_pack_latents`) and the `img_ids`
+  grid it needs goes into the conditioning; `unpack` the inverse, before the VAE (whose
+  `shift_factor` `Pipeline.decode` already applies).
+- `image_seq_len`: `latents.shape[1]` (the packed token count), so the scheduler computes the
+  dynamic shift `mu` from it (`schedulers.calculate_shift`, already wired to `image_seq_len`).
+- `step`: `flux_step(transformer, update, latents, t, coefficients, guidance, txt, txt_ids, img_ids,
+  pooled)` with the guidance tensor fed to the guidance embedder (dev) instead of a CFG batch:
+  `batch_factor = 1`; timesteps passed as sigmas (x1000 inside the transformer, as diffusers).
+- `default_steps` 4 (schnell) / 28 (dev) through the directory defaults, guidance 3.5, size 1024.
+- `export_specs`: transformer with a dynamic token axis (`hidden_states` (B, "tokens", 64)),
+  `text_encoder` (CLIP), `text_encoder_2` (T5, fixed length), `vae_decoder`; external data > 2 GB.
+- `presets`: flux-tiny, flux-schnell, flux-dev; `random_components` and `save` write the
+  diffusers FluxPipeline layout.
+Not yet generic (the Flux work extends them): the backends wrap `text_encoder`, `transformer`
+and `vae` (`backends.Runtime`), so the Flux family's T5 runs from `pipe.components` (eager, on
+the device the family puts it) until the Runtime holds one callable per export spec; parity's
+per-graph callables are the same three names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ldm_rt.errors import InputError
+
+
+@dataclass(frozen=True)
+class StepFunction:
+    """A family's denoising step, ready for `Pipeline.step`.
+
+    `fn(latents, t, coefficients, guidance, *conditioning) -> latents` is pure (no host sync);
+    `static` names every non-tensor it holds (the step's cache key, with `kind`); `batch_factor`
+    is how many transformer rows one latent row takes (2 with a CFG batch, so `t` is expanded to
+    2B)."""
+
+    kind: str
+    fn: Callable[..., torch.Tensor]
+    static: dict[str, Any] = field(default_factory=dict)
+    batch_factor: int = 1
+
+
+class Family:
+    """One model family (see the module docstring for who asks what). Subclass and override;
+    the defaults here are the DiT conventions that most families share."""
+
+    name: str = ""
+    pipeline_classes: tuple[str, ...] = ()  # model_index.json `_class_name`s this family loads
+    prompt_types: tuple[type, ...] = (str,)
+    default_steps: int = 30
+    default_guidance: float = 4.0
+
+    # -- recognition and loading ----------------------------------------------------------------
+
+    def recognizes(self, index: dict[str, Any], root: Path) -> bool:
+        """Whether the model directory `root` (its model_index.json is `index`) is this family's.
+        Must not raise on a broken directory: `load` reports what is wrong."""
+        return index.get("_class_name") in self.pipeline_classes
+
+    def owns(self, config) -> bool:
+        """Whether `config` (a preset or `Components.config`) is one of this family's models."""
+        raise NotImplementedError
+
+    def load(self, root: Path, index: dict[str, Any]):
+        """The model directory -> `Components` (reference modules, CPU, fp32); strict."""
+        raise NotImplementedError
+
+    def save(self, components, root: Path, dtype: torch.dtype = torch.float32) -> Path:
+        """Write `components` so that `load` reads them back exactly."""
+        raise NotImplementedError
+
+    def presets(self) -> dict[str, Any]:
+        """`init-model` preset name -> config."""
+        return {}
+
+    def random_components(self, config, seed: int = 0):
+        """Reference modules for `config` with seeded non-zero random weights."""
+        raise NotImplementedError
+
+    # -- sampling ---------------------------------------------------------------------------------
+
+    def default_size(self, config) -> int:
+        """Image side in pixels when neither the call nor the directory's defaults give one."""
+        return config.transformer.sample_size * config.vae.scale_factor
+
+    def prepare(self, pipe, prompts: list, negative_prompt, num_images: int, options: dict[str, Any]):
+        """Check one request (no model call) and return what `encode` needs. `options` holds the
+        family-specific arguments of `generate` that were given (not None)."""
+        raise NotImplementedError
+
+    def encode(self, pipe, request, guidance: float) -> tuple[torch.Tensor, ...]:
+        """The request -> the conditioning tensors every step takes, on `pipe.device`."""
+        raise NotImplementedError
+
+    def latent_shape(self, config, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """The noise drawn for `batch` images of height x width pixels; InputError on a bad size."""
+        f, p = config.vae.scale_factor, config.transformer.patch_size
+        multiple = f * p
+        for name, value in (("height", height), ("width", width)):
+            if value < multiple or value % multiple:
+                raise InputError(
+                    f"{name} {value} must be a positive multiple of {multiple} "
+                    f"(VAE factor {f} x patch size {p})."
+                )
+        return (batch, config.transformer.in_channels, height // f, width // f)
+
+    def pack(self, config, noise: torch.Tensor) -> torch.Tensor:
+        """Drawn noise -> the transformer's latent layout (identity: the DiT patchifies inside)."""
+        return noise
+
+    def unpack(self, config, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The transformer's layout -> (B, C, h, w) VAE latents (identity for DiT)."""
+        return latents
+
+    def image_seq_len(self, config, latents: torch.Tensor) -> int:
+        """Image tokens the transformer sees for `latents` (a dynamic-shift schedule needs it)."""
+        p = config.transformer.patch_size
+        return (latents.shape[-2] // p) * (latents.shape[-1] // p)
+
+    def step(self, pipe, scheduler, guidance: float, options: dict[str, Any]) -> StepFunction:
+        raise NotImplementedError
+
+    def sample_prompts(self, config, batch: int) -> list:
+        """`batch` prompts this family's model takes (bench, parity)."""
+        return ["a red circle"] * batch
+
+    def diffusers_transformer(self, ours, place: Callable) -> Callable | str:
+        """`ldm-rt bench`'s `diffusers` baseline: diffusers' implementation of `ours` holding its
+        weights, with the backend call signature (`place` moves a diffusers module to ours' device
+        and dtype); or a string saying why there is none."""
+        return f"diffusers has no implementation of the {self.name} transformer"
+
+    def pipeline_methods(self, pipe) -> dict[str, Callable]:
+        """Family helpers that `pipe` exposes as attributes (kept for the families' own API)."""
+        return {}
+
+    # -- export -----------------------------------------------------------------------------------
+
+    def export_specs(self, config) -> dict:
+        """Component name -> fp32 `ldm_rt.export.specs.ComponentSpec`, in export order."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
