@@ -241,8 +241,12 @@ def init_model(
     An existing non-empty directory is refused, unless `overwrite` is set and it is a model
     directory (has model_index.json): then it is replaced.
     """
-    root = prepare_out_dir(path, overwrite)
-    components = random_components(ModelConfig.from_name(preset), seed)
+    from ldm_rt.seeds import check_seed
+
+    seed = check_seed(seed)
+    config = ModelConfig.from_name(preset)
+    root = writable_dir(prepare_out_dir(path, overwrite))  # fail before the (slow, for big presets) weights
+    components = random_components(config, seed)
     return save_model_dir(components, root, dtype=dtype)
 
 
@@ -260,12 +264,12 @@ def writable_dir(path: str | Path) -> Path:
     except OSError as exc:
         raise InputError(f"cannot create output directory {out_dir}: {exc.strerror or exc}.") from None
     if not out_dir.is_dir():
-        raise InputError(f"output path {out_dir} exists and is not a directory; give a directory to --out.")
+        raise InputError(f"output path {out_dir} exists and is not a directory; give a directory.")
     try:
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError:
-        raise InputError(f"output directory {out_dir} is not writable; choose another --out.") from None
+        raise InputError(f"output directory {out_dir} is not writable; choose another directory.") from None
     return out_dir
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import re
 import time
 import warnings
@@ -27,8 +28,10 @@ from PIL import Image
 
 from ldm_rt.backends import load_backend
 from ldm_rt.errors import InputError, NonFiniteError
+from ldm_rt.limits import check_size
 from ldm_rt.precision import Precision
 from ldm_rt.schedulers import scheduler_from_config
+from ldm_rt.seeds import resolve_seed
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 4.0
@@ -74,6 +77,8 @@ class GenerationResult:
     images: list[Image.Image]
     seed: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    steps: int | None = None  # the steps and guidance the call ran with (after the model's defaults)
+    guidance: float | None = None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -85,7 +90,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError):
         raise InputError(f"device {device!r} is not a valid torch device; use cpu or cuda.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device} was asked for but this machine has no CUDA GPU; use --device cpu.")
+        raise InputError(f"device {device} was asked for but this machine has no CUDA GPU; use device cpu.")
     if device.type not in ("cpu", "cuda"):
         raise InputError(f"device {device} is not supported; use cpu or cuda.")
     return device
@@ -93,7 +98,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def check_finite(x: torch.Tensor, stage: str, precision: Precision) -> None:
     if not torch.isfinite(x).all():
-        hint = " (fp16 overflow? try --dtype bf16 or fp32)" if precision is Precision.FP16 else ""
+        hint = " (fp16 overflow? try dtype bf16 or fp32)" if precision is Precision.FP16 else ""
         raise NonFiniteError(f"{stage} produced NaN or Inf values{hint}.")
 
 
@@ -117,7 +122,7 @@ class Pipeline:
         self.precision = Precision.parse(dtype) or Precision.default_for(self.device)
         # torch's CPU fp16 kernels are incomplete; onnxruntime's CPU provider runs fp16 graphs.
         if self.device.type == "cpu" and self.precision is Precision.FP16 and backend != "onnxruntime":
-            raise InputError("fp16 is not supported on the CPU; use --dtype fp32 or bf16 there.")
+            raise InputError("fp16 is not supported on the CPU; use dtype fp32 or bf16 there.")
         self.backend = backend
         self.config = components.config
         self.defaults = dict(components.defaults)
@@ -262,7 +267,7 @@ class Pipeline:
         negative_prompt: str | list[str] | None = None,
         steps: int | None = None,
         guidance: float | None = None,
-        seed: int = 0,
+        seed: int | None = 0,
         height: int | None = None,
         width: int | None = None,
         num_images: int = 1,
@@ -271,7 +276,9 @@ class Pipeline:
     ) -> GenerationResult:
         """Text models: prompts are text. Class-conditional models: prompts are ImageNet class names
         or indices ("golden retriever", "207", 207), and `guidance_channels` picks how many latent
-        channels CFG steers (None: all, as diffusers' DiTPipeline; 3: the original DiT sample.py)."""
+        channels CFG steers (None: all, as diffusers' DiTPipeline; 3: the original DiT sample.py).
+
+        `seed`: 0..2**64-1; None draws a fresh one, returned as `GenerationResult.seed`."""
         class_model = self.config.transformer.class_conditional
         prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
         steps = self.defaults.get("steps", DEFAULT_STEPS) if steps is None else steps
@@ -284,10 +291,11 @@ class Pipeline:
             raise InputError("prompt must be a string or a non-empty list of strings.")
         if int(steps) != steps or steps < 1:
             raise InputError(f"steps must be a whole number >= 1, got {steps}.")
-        if guidance < 0 or guidance != guidance:
-            raise InputError(f"guidance must be >= 0, got {guidance}.")
+        if not math.isfinite(guidance) or guidance < 0:
+            raise InputError(f"guidance must be a finite number >= 0, got {guidance}.")
         if num_images < 1:
             raise InputError(f"num_images must be >= 1, got {num_images}.")
+        seed = resolve_seed(seed)
         if class_model:
             return self._generate_class(prompts, negative_prompt, int(steps), float(guidance), seed, height, width,
                                         num_images, guidance_channels, progress)
@@ -297,6 +305,7 @@ class Pipeline:
         if len(negatives) != len(prompts):
             raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts.")
         shape = self.latent_shape(len(prompts) * num_images, height, width)
+        check_size(self.config, shape[0], height, width, guidance > 1.0, self.device)
 
         timings: dict[str, float] = {}
         with _stage("text_encoding", self.device, timings):
@@ -311,7 +320,7 @@ class Pipeline:
             latents = self.denoise(latents, states, mask, pooled, int(steps), float(guidance), progress)
         with _stage("decoding", self.device, timings):
             images = to_pil(self.decode(latents))
-        return GenerationResult(images=images, seed=seed, timings=timings)
+        return GenerationResult(images=images, seed=seed, timings=timings, steps=steps, guidance=guidance)
 
     # -- class-conditional DiT (ImageNet) ----------------------------------------------------------
 
@@ -356,6 +365,7 @@ class Pipeline:
         dit = self.config.transformer
         labels = torch.tensor([class_index(p, dit.num_classes) for p in prompts for _ in range(num_images)])
         shape = self.latent_shape(len(labels), height, width)
+        check_size(self.config, shape[0], height, width, guidance > 1.0, self.device)
         timings: dict[str, float] = {"text_encoding": 0.0}  # no text: class labels index a table
         generator = torch.Generator("cpu").manual_seed(seed)
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
@@ -363,7 +373,7 @@ class Pipeline:
             latents = self.denoise_class(latents, labels, steps, guidance, guidance_channels, progress)
         with _stage("decoding", self.device, timings):
             images = to_pil(self.decode(latents))
-        return GenerationResult(images=images, seed=seed, timings=timings)
+        return GenerationResult(images=images, seed=seed, timings=timings, steps=steps, guidance=guidance)
 
     def __call__(self, prompt, **kwargs) -> list[Image.Image]:
         return self.generate(prompt, **kwargs).images

@@ -158,8 +158,8 @@ def check(device: torch.device):
 
     if device.type != "cuda":
         raise InputError(
-            f"the tensorrt backend runs on an NVIDIA GPU (--device cuda), not on {device}; "
-            "use --backend onnxruntime or torch there."
+            f"the tensorrt backend runs on an NVIDIA GPU (device cuda), not on {device}; "
+            "use backend onnxruntime or torch there."
         )
     return current_system(device.index)
 
