@@ -350,7 +350,7 @@ def env():
 @click.option("--ckpt-every", type=int, default=500, show_default=True)
 @click.option("--config", default="demo", show_default=True, help="demo (the shipped model) or tiny (tests).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Export directory (default: the package's ldm_rt/demo/model).")
+              help="Export directory (default: RUN_DIR/model; pass ldm_rt/demo/model's path to replace the built-in model).")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
               help="dit: warm-start a run dir that has no dit.pt from an exported model (e.g. ldm_rt/demo/model).")
 def train_demo(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out, init_from):

@@ -287,3 +287,18 @@ def test_init_model_help_lists_the_presets():
 
     output = " ".join(invoke("init-model", "--help").output.split())
     assert all(name in output for name in PRESETS), output
+
+
+def test_train_demo_export_defaults_to_the_run_dir(tmp_path, monkeypatch):
+    """Never into the installed package by default; the output says how to make it the built-in model."""
+    from ldm_rt.demo import train
+
+    def fake_export(cfg, run_dir, out, use_ema=True):  # the export itself is tested in test_demo_train.py
+        out.mkdir(parents=True)
+        return out
+
+    monkeypatch.setattr(train, "export", fake_export)
+    result = invoke("train-demo", "--stage", "export", "--run-dir", tmp_path / "run", "--config", "tiny")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {tmp_path / 'run' / 'model'}" in result.output
+    assert "to make it the built-in model" in result.output and str(train.DEFAULT_OUT) in result.output
