@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm_rt import call_args
 from ldm_rt.backends import load_backend
 from ldm_rt.errors import InputError, NonFiniteError
 from ldm_rt.limits import check_size
@@ -118,6 +119,8 @@ class Pipeline:
     """
 
     def __init__(self, components, backend: str = "torch", device=None, dtype=None, onnx_dir=None):
+        self._components, self._onnx_dir = components, onnx_dir  # for `to()`
+        self._path = getattr(self, "_path", None)
         self.device = resolve_device(device)
         self.precision = Precision.parse(dtype) or Precision.default_for(self.device)
         # torch's CPU fp16 kernels are incomplete; onnxruntime's CPU provider runs fp16 graphs.
@@ -139,7 +142,10 @@ class Pipeline:
     def from_pretrained(cls, path: str | Path, backend: str = "torch", device=None, dtype=None) -> Pipeline:
         from ldm_rt.model_dir import load_model_dir
 
-        return cls(load_model_dir(path), backend=backend, device=device, dtype=dtype)
+        pipe = cls.__new__(cls)
+        pipe._path = Path(path)
+        pipe.__init__(load_model_dir(path), backend=backend, device=device, dtype=dtype)
+        return pipe
 
     # -- derived sizes ---------------------------------------------------------------------------
 
@@ -200,7 +206,8 @@ class Pipeline:
         return states, tokens.attention_mask.to(self.device), pooled
 
     @torch.no_grad()
-    def denoise(self, latents, text_states, text_mask, pooled, steps: int, guidance: float, progress: bool = False):
+    def denoise(self, latents, text_states, text_mask, pooled, steps: int, guidance: float, progress: bool = False,
+                callback=None):
         """The sampling loop. latents (B, C, h, w) fp32; text inputs are [uncond; cond] when g > 1.
 
         Latents stay in fp32 between steps (the scheduler update is computed in fp32); only the
@@ -215,6 +222,8 @@ class Pipeline:
         step = self.text_step(scheduler, guidance)
         for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
             latents = step(latents, i, text_states, text_mask, pooled)
+            if callback is not None:  # callback(i, timestep, latents) -> latents (call_args.step_callback)
+                latents = callback(i, scheduler.timesteps[i], latents)
         check_finite(latents, "denoising", self.precision)
         return latents
 
@@ -273,12 +282,30 @@ class Pipeline:
         num_images: int = 1,
         progress: bool = False,
         guidance_channels: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+        **diffusers_names,
     ) -> GenerationResult:
         """Text models: prompts are text. Class-conditional models: prompts are ImageNet class names
         or indices ("golden retriever", "207", 207), and `guidance_channels` picks how many latent
         channels CFG steers (None: all, as diffusers' DiTPipeline; 3: the original DiT sample.py).
 
-        `seed`: 0..2**64-1; None draws a fresh one, returned as `GenerationResult.seed`."""
+        `seed`: 0..2**64-1; None draws a fresh one, returned as `GenerationResult.seed`.
+        diffusers' names and arguments (num_inference_steps, guidance_scale, generator, latents,
+        output_type, callback_on_step_end): see `ldm_rt.call_args`."""
+        if diffusers_names:
+            unknown = [k for k in diffusers_names if k not in call_args.ALIASES]
+            if unknown:
+                raise TypeError(f"generate() got unexpected keyword argument(s) {', '.join(unknown)}")
+            given = call_args.normalize(dict(diffusers_names, steps=steps, guidance=guidance,
+                                              num_images=None if num_images == 1 else num_images))
+            steps, guidance, num_images = given["steps"], given["guidance"], given["num_images"] or 1
+        call_args.check(output_type, generator, seed, latents, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        hooks = dict(generator=generator, latents=latents, output_type=output_type,
+                     callback=call_args.step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs))
         class_model = self.config.transformer.class_conditional
         prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
         steps = self.defaults.get("steps", DEFAULT_STEPS) if steps is None else steps
@@ -295,10 +322,10 @@ class Pipeline:
             raise InputError(f"guidance must be a finite number >= 0, got {guidance}.")
         if num_images < 1:
             raise InputError(f"num_images must be >= 1, got {num_images}.")
-        seed = resolve_seed(seed)
+        seed = resolve_seed(seed) if generator is None else generator.initial_seed()
         if class_model:
             return self._generate_class(prompts, negative_prompt, int(steps), float(guidance), seed, height, width,
-                                        num_images, guidance_channels, progress)
+                                        num_images, guidance_channels, progress, **hooks)
         if guidance_channels is not None:
             raise InputError("guidance_channels applies to class-conditional DiTs only.")
         negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list) else negative_prompt
@@ -314,19 +341,20 @@ class Pipeline:
             uncond = [n for n in negatives for _ in range(num_images)]
             do_cfg = guidance > 1.0
             states, mask, pooled = self.encode_prompt(uncond + cond if do_cfg else cond)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        latents = call_args.initial_latents(shape, seed, generator, latents, self.device)
         with _stage("denoising", self.device, timings):
-            latents = self.denoise(latents, states, mask, pooled, int(steps), float(guidance), progress)
+            latents = self.denoise(latents, states, mask, pooled, int(steps), float(guidance), progress,
+                                   hooks["callback"])
         with _stage("decoding", self.device, timings):
-            images = to_pil(self.decode(latents))
+            images = latents if output_type == "latent" else call_args.to_output(self.decode(latents), output_type,
+                                                                                 to_pil)
         return GenerationResult(images=images, seed=seed, timings=timings, steps=steps, guidance=guidance)
 
     # -- class-conditional DiT (ImageNet) ----------------------------------------------------------
 
     @torch.no_grad()
     def denoise_class(self, latents, labels, steps: int, guidance: float, guidance_channels: int | None = None,
-                      progress: bool = False):
+                      progress: bool = False, callback=None):
         """The sampling loop of diffusers' `DiTPipeline`, step for step. latents (B, C, h, w) fp32,
         labels (B,) int64.
 
@@ -352,11 +380,14 @@ class Pipeline:
         step = self.class_step(scheduler, guidance, k)
         for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
             latents = step(latents, i, y)
+            if callback is not None:
+                latents = callback(i, scheduler.timesteps[i], latents)
         check_finite(latents, "denoising", self.precision)
         return latents
 
     def _generate_class(self, prompts, negative_prompt, steps, guidance, seed, height, width, num_images,
-                        guidance_channels, progress) -> GenerationResult:
+                        guidance_channels, progress, generator=None, latents=None, output_type="pil",
+                        callback=None) -> GenerationResult:
         from ldm_rt.imagenet import class_index
 
         if negative_prompt:
@@ -367,16 +398,35 @@ class Pipeline:
         shape = self.latent_shape(len(labels), height, width)
         check_size(self.config, shape[0], height, width, guidance > 1.0, self.device)
         timings: dict[str, float] = {"text_encoding": 0.0}  # no text: class labels index a table
-        generator = torch.Generator("cpu").manual_seed(seed)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        latents = call_args.initial_latents(shape, seed, generator, latents, self.device)
         with _stage("denoising", self.device, timings):
-            latents = self.denoise_class(latents, labels, steps, guidance, guidance_channels, progress)
+            latents = self.denoise_class(latents, labels, steps, guidance, guidance_channels, progress, callback)
         with _stage("decoding", self.device, timings):
-            images = to_pil(self.decode(latents))
+            images = latents if output_type == "latent" else call_args.to_output(self.decode(latents), output_type,
+                                                                                 to_pil)
         return GenerationResult(images=images, seed=seed, timings=timings, steps=steps, guidance=guidance)
 
-    def __call__(self, prompt, **kwargs) -> list[Image.Image]:
+    def __call__(self, prompt, **kwargs):
+        """`generate(...).images`: PIL images, or the `output_type`'s array/tensor (`ldm_rt.call_args`)."""
         return self.generate(prompt, **kwargs).images
+
+    def to(self, device=None, dtype=None) -> Pipeline:
+        """diffusers' `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cuda", torch.bfloat16)`:
+        the same model on another device/dtype (same backend). Weights are reloaded from the model
+        directory when the pipeline was made by `from_pretrained`, so a round trip through fp16
+        loses nothing."""
+        if isinstance(device, torch.dtype) and dtype is None:
+            device, dtype = None, device
+        device = self.device if device is None else device
+        precision = self.precision if dtype is None else Precision.parse(dtype)
+        if self._path is not None:
+            from ldm_rt.model_dir import load_model_dir
+
+            components = load_model_dir(self._path)
+        else:
+            components = self._components
+        self.__init__(components, backend=self.backend, device=device, dtype=precision, onnx_dir=self._onnx_dir)
+        return self
 
 
 @contextlib.contextmanager
