@@ -71,7 +71,8 @@ def bench_tables(results: dict, focus: str) -> list[str]:
             if mine:
                 for vs in ("vs_torch_eager", "vs_best_compile"):
                     ratio = mine["speedup"].get(vs, {}).get(stage)
-                    row.append("" if ratio is None else f"{ratio:.2f}x")
+                    noisy = stage in mine.get("noisy", {}).get(vs, [])
+                    row.append("" if ratio is None else f"{ratio:.2f}x" + (" (noisy)" if noisy else ""))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         for r in ok:

@@ -41,6 +41,26 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 SUPPORTED_DTYPES = ("fp32", "fp16", "bf16")
 # ONNX Conv takes bfloat16 only from opset 22 (Conv-22); below it a bf16 graph fails type checks.
 BF16_MIN_OPSET = 22
+# The dynamo exporter writes opset 18 and up natively; below 18 torch hands the graph to the onnx
+# version converter, best effort. Measured (torch 2.13, onnxscript 0.7.2, onnx 1.23, tiny model):
+# --opset 16/17 left the DiT at 18, --opset 5/13/14 left everything at 18 after an onnxscript
+# traceback. So 18 is the lowest opset we promise; the highest is the installed onnx's.
+MIN_OPSET = 18
+
+
+def max_opset() -> int:
+    import onnx
+
+    return onnx.defs.onnx_opset_version()
+
+
+def check_opset(opset: int | None) -> None:
+    if opset is None:
+        return
+    high = max_opset()
+    if not MIN_OPSET <= opset <= high:
+        raise InputError(f"--opset {opset} is outside what the exporter writes: {MIN_OPSET} to {high} (the installed "
+                         f"onnx's newest); leave --opset out for the exporter's default.")
 
 
 @dataclass(frozen=True)
@@ -199,6 +219,7 @@ def export_model(
 
     if dtype not in SUPPORTED_DTYPES:
         raise InputError(f"--dtype {dtype} is not an export precision; use one of {', '.join(SUPPORTED_DTYPES)}.")
+    check_opset(opset)
     if dtype == "bf16":
         if opset is not None and opset < BF16_MIN_OPSET:
             raise InputError(f"--opset {opset} cannot hold a bf16 graph (ONNX Conv takes bfloat16 from opset "
@@ -242,7 +263,7 @@ def export_model(
             log(f"{name}: dropped from the manifest, its config or weights changed; re-export it.")
             del entries[name]
 
-    for name in names:
+    for index, name in enumerate(names, 1):
         spec = specs[name]
         module = _module_in(spec, parts)
         key = _component_key(digests[spec.source_module], spec, options)
@@ -253,6 +274,9 @@ def export_model(
             continue
         if old is not None:
             log(f"{name}: re-exporting {path} (hash {old.get('sha256', '?')[:12]} -> {key[:12]})")
+        # The export takes seconds (tiny) to minutes (DiT-XL/2) with no output of its own: say what runs.
+        log(f"{name}: exporting ({index}/{len(names)}, {sum(p.numel() for p in module.parameters()) / 1e6:.1f} M "
+            f"parameters, {dtype}) ...")
         start = time.perf_counter()
         if static is not None:
             h, w = latent_hw if spec.latent else (0, 0)
@@ -283,9 +307,18 @@ def export_model(
         program.save(str(path), external_data=external)
         # The path form works for graphs with external data; full_check adds strict type and shape
         # inference, which catches ops the opset does not define for a dtype (bf16 Conv below opset 22).
-        onnx.checker.check_model(str(path), full_check=True)
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except Exception as exc:
+            raise LdmRtError(f"{path} fails onnx.checker: {str(exc).strip().splitlines()[0]}") from exc
+        # The opset the file holds, read back: the manifest records what was written, not what was asked.
         opset_used = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
                           if o.domain in ("", "ai.onnx"))
+        if opset is not None and opset_used != opset:
+            path.unlink(missing_ok=True)
+            data_path.unlink(missing_ok=True)
+            raise LdmRtError(f"exporting {name} at --opset {opset} wrote opset {opset_used} instead; leave --opset out "
+                             f"or pick one from {MIN_OPSET} to {max_opset()}.")
         entries[name] = {
             "file": path.name,
             "external_data": data_path.name if external else None,
@@ -305,7 +338,7 @@ def export_model(
         "exporter": EXPORTER,
         "versions": versions,
         "dtype": dtype,
-        "opset": opset if opset is not None else max((e["opset"] for e in entries.values()), default=None),
+        "opset": max((e["opset"] for e in entries.values()), default=None),  # as written (read back)
         "static": None if static is None else static.__dict__,
         "source_sha256": source,
         # Image geometry: TensorRT profiles (export/tensorrt.py) turn pixel sizes into latent sizes with it.

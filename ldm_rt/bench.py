@@ -67,12 +67,22 @@ TRITON_CPU_REASON = ("CPU timings of the Triton interpreter are not meaningful (
 
 
 def summarize(times_ms: list[float]) -> dict[str, float]:
-    """median, p90 (nearest rank), min and mean of per-call milliseconds."""
+    """median, p10/p90 (nearest rank), MAD (median absolute deviation), min and mean of per-call
+    milliseconds, and `spread` = (p90 - p10) / median, which `add_speedups` uses to flag a ratio."""
     ms = sorted(times_ms)
     if not ms:
         raise ValueError("no timings to summarize")
-    return {"median_ms": statistics.median(ms), "p90_ms": ms[max(0, math.ceil(0.9 * len(ms)) - 1)],
+    median = statistics.median(ms)
+    p10, p90 = ms[max(0, math.ceil(0.1 * len(ms)) - 1)], ms[max(0, math.ceil(0.9 * len(ms)) - 1)]
+    return {"median_ms": median, "p10_ms": p10, "p90_ms": p90,
+            "mad_ms": statistics.median(abs(x - median) for x in ms), "spread": (p90 - p10) / median if median else 0.0,
             "min_ms": ms[0], "mean_ms": statistics.fmean(ms), "iters": len(ms)}
+
+
+# A ratio of medians is flagged when either side's (p90 - p10) / median exceeds this: the calls
+# varied by more than half the median, so the medians (and their ratio) move from run to run
+# (issue 19: a 5-call torch step measured 443 ms once, 29-36 ms in reruns, a "16x" that was noise).
+NOISY_SPREAD = 0.5
 
 
 def time_once(fn: Callable[[], object], device: torch.device) -> float:
@@ -304,7 +314,7 @@ def transformers_text_encoder(ours):
 def diffusers_vae(ours):
     from ldm_rt.errors import require
 
-    diffusers = require("diffusers", "test", "the diffusers AutoencoderKL baseline")
+    diffusers = require("diffusers", "diffusers", "the diffusers AutoencoderKL baseline")
     config = {k: v for k, v in ours.config.to_dict().items() if not k.startswith("_")}
     hf = diffusers.AutoencoderKL(**config).eval()
     hf.load_state_dict(ours.state_dict(), strict=True)
@@ -411,6 +421,7 @@ class Run:
     one_time: dict[str, Any] = field(default_factory=dict)
     peak_memory_mib: float | None = None
     speedup: dict[str, dict[str, float]] = field(default_factory=dict)
+    noisy: dict[str, list[str]] = field(default_factory=dict)  # vs -> stages whose ratio the spread makes meaningless
 
 
 def _reset_memory(device: torch.device) -> None:
@@ -477,6 +488,9 @@ def add_speedups(runs: list[Run]) -> None:
         s = run.stages.get(stage, {})
         return s.get("median_ms")
 
+    def spread(run, stage):
+        return run.stages.get(stage, {}).get("spread", 0.0)
+
     by_key = {(r.backend, r.dtype, r.resolution): r for r in runs if r.status == "ok"}
     for run in runs:
         if run.status != "ok":
@@ -490,9 +504,14 @@ def add_speedups(runs: list[Run]) -> None:
                 continue
             if eager and median(eager, stage):
                 run.speedup.setdefault("vs_torch_eager", {})[stage] = median(eager, stage) / mine
-            best = [median(r, stage) for r in compiled if median(r, stage)]
+                if max(spread(run, stage), spread(eager, stage)) > NOISY_SPREAD:
+                    run.noisy.setdefault("vs_torch_eager", []).append(stage)
+            best = [r for r in compiled if median(r, stage)]
             if best:
-                run.speedup.setdefault("vs_best_compile", {})[stage] = min(best) / mine
+                fastest = min(best, key=lambda r: median(r, stage))
+                run.speedup.setdefault("vs_best_compile", {})[stage] = median(fastest, stage) / mine
+                if max(spread(run, stage), spread(fastest, stage)) > NOISY_SPREAD:
+                    run.noisy.setdefault("vs_best_compile", []).append(stage)
 
 
 def run_bench(components, settings: BenchSettings, device: torch.device, progress: bool = True) -> list[Run]:
@@ -546,6 +565,8 @@ def results_dict(runs: list[Run], settings: BenchSettings, device: torch.device,
             "(compile, autotune, CUDA-graph capture, lazy init), one_time.load_s the backend's construction "
             "(weights to device, ONNX export, engine build)",
             "speedup.vs_torch_eager = torch eager median / this median, same dtype and resolution, same run",
+            f"noisy[vs] = stages whose ratio is not meaningful: (p90 - p10) / median above {NOISY_SPREAD} in the "
+            "row or its baseline",
             "peak_memory_mib: torch.cuda.max_memory_allocated over the run's stages (torch's allocator only: "
             "onnxruntime's and TensorRT's own allocations are not counted); null on the CPU",
         ],
@@ -562,9 +583,10 @@ def format_table(results: dict) -> list[str]:
         f"ldm-rt bench: {results['model']['source']} on {device_label(results['device'])}; "
         f"batch {s['batch']} image(s) (DiT batch {s['dit_batch']} with CFG), {s['steps']} steps; "
         f"{'CUDA events' if results['device']['type'] == 'cuda' else 'wall clock'}",
-        f"{'px':>5} {'dtype':<5} {'backend':<21} {'stage':<13} {'median ms':>11} {'p90 ms':>11} "
+        f"{'px':>5} {'dtype':<5} {'backend':<21} {'stage':<13} {'median ms':>11} {'p10 ms':>11} {'p90 ms':>11} "
         f"{'vs torch':>9} {'first call ms':>14}",
     ]
+    flagged = False
     for run in results["runs"]:
         head = f"{run['resolution']:>5} {run['dtype']:<5} {run['backend']:<21}"
         if run["status"] != "ok":
@@ -575,13 +597,19 @@ def format_table(results: dict) -> list[str]:
                 lines.append(f"{head} {stage:<13} skipped: {stats['skipped']}")
                 continue
             ratio = run["speedup"].get("vs_torch_eager", {}).get(stage)
+            noisy = stage in run.get("noisy", {}).get("vs_torch_eager", [])
+            flagged |= noisy
             first = run["one_time"]["first_call_ms"].get(stage)
-            lines.append(f"{head} {stage:<13} {stats['median_ms']:>11.3f} {stats['p90_ms']:>11.3f} "
-                         f"{'' if ratio is None else f'{ratio:.2f}x':>9} {first:>14.1f}")
+            shown = "" if ratio is None else f"{ratio:.2f}x" + ("?" if noisy else "")
+            lines.append(f"{head} {stage:<13} {stats['median_ms']:>11.3f} {stats.get('p10_ms', float('nan')):>11.3f} "
+                         f"{stats['p90_ms']:>11.3f} {shown:>9} {first:>14.1f}")
         extra = f"load {run['one_time']['load_s']:.2f} s"
         if run["peak_memory_mib"] is not None:
             extra += f", peak GPU memory {run['peak_memory_mib']:.0f} MiB"
         lines.append(f"{head} {extra}")
+    if flagged:
+        lines.append(f"?: (p90 - p10) / median above {NOISY_SPREAD:.0%} in this row or its baseline: the ratio is "
+                     "not meaningful; rerun with more --iters / --loop-iters or on a quieter machine.")
     return lines
 
 

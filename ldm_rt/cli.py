@@ -73,12 +73,14 @@ def output_paths(out: Path | None, seed: int, count: int) -> list[Path]:
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's, else 30).")
 @click.option("--guidance", type=float, default=None,
               help="Classifier-free guidance scale; <= 1 disables CFG (default: the model's, else 4.0).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=None,
+              help="0..2**64-1 (default: a fresh random seed, printed, so each run draws a new image).")
 @click.option("--height", type=int, default=None, help="Image height in pixels (default: the model's).")
 @click.option("--width", type=int, default=None, help="Image width in pixels (default: the model's).")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="PNG path (default ldm-rt-<seed>.png); several images are written as <stem>-<i>.png.")
+              help="PNG path (default ldm-rt-<seed>.png); several images are written as <stem>-<i>.png. "
+                   "An existing file is replaced, and the line that reports it says so.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Default: fp16 on CUDA, fp32 on CPU.")
 @click.option("--guidance-channels", type=int, default=None,
@@ -87,12 +89,19 @@ def output_paths(out: Path | None, seed: int, count: int) -> list[Path]:
 def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, height, width, num_images, out,
         device, dtype, guidance_channels):
     """Generate images from a text prompt (or ImageNet classes, for a class-conditional DiT)."""
+    import math
     import time
 
     from ldm_rt.model_dir import default_model_dir
     from ldm_rt.pipeline import Pipeline
+    from ldm_rt.png_info import png_info
+    from ldm_rt.seeds import resolve_seed
 
     start = time.perf_counter()
+    if guidance is not None and not math.isfinite(guidance):
+        raise InputError(f"--guidance {guidance} is not a finite number; give a scale >= 0 (<= 1 disables CFG).")
+    fresh = seed is None
+    seed = resolve_seed(seed)
     prompts = list(prompt)
     paths = output_paths(out, seed, len(prompts) * num_images)
     for path in paths:
@@ -100,16 +109,25 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
     pipe = Pipeline.from_pretrained(model_dir or default_model_dir(), backend=backend, device=device, dtype=dtype)
     click.echo(f"model: {model_dir or 'built-in demo'} | backend {backend} | {pipe.device} {pipe.precision.value}",
                err=True)
+    if fresh:
+        click.echo(f"seed: {seed} (random; pass --seed {seed} to draw the same image again)", err=True)
     load_s = time.perf_counter() - start
     result = pipe.generate(prompts if len(prompts) > 1 else prompts[0], negative_prompt=negative_prompt,
                            steps=steps, guidance=guidance, seed=seed, height=height, width=width,
                            num_images=num_images, progress=True, guidance_channels=guidance_channels)
-    for image, path in zip(result.images, paths):
+    file_prompts = [p for p in prompts for _ in range(num_images)]
+    for i, (image, path, text) in enumerate(zip(result.images, paths, file_prompts)):
+        existed = path.exists()
+        info = png_info(prompt=text, negative_prompt=negative_prompt or "", seed=seed, steps=result.steps,
+                        guidance=result.guidance, height=image.height, width=image.width,
+                        model=str(model_dir or "built-in demo"), backend=backend,
+                        batch=(i, len(paths)) if len(paths) > 1 else None)
         try:
-            image.save(path)
+            image.save(path, pnginfo=info)
         except OSError as exc:
             raise InputError(f"cannot write {path}: {exc.strerror or exc}.") from None
-        click.echo(f"wrote {path} ({image.width}x{image.height})")
+        replaced = ", replaced the existing file" if existed else ""
+        click.echo(f"wrote {path} ({image.width}x{image.height}{replaced}): {text!r}")
     t = result.timings
     click.echo(
         f"time: load {load_s:.2f} s | text encoding {t['text_encoding']:.2f} s | "
@@ -118,10 +136,16 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
     )
 
 
+def _preset_help() -> str:
+    from ldm_rt.configs import PRESETS
+
+    return "Preset name: " + ", ".join(PRESETS) + "."
+
+
 @main.command("init-model")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--preset", default="tiny", show_default=True, help="Preset name, e.g. tiny, dit-s-2, dit-xl-2.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--preset", default="tiny", show_default=True, help=_preset_help())
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights, 0..2**64-1.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
               help="dtype of the stored weights.")
 @click.option("--overwrite", is_flag=True, help="Replace DIRECTORY if it already holds a model directory.")
@@ -372,7 +396,7 @@ def serve_cmd(model_dir, backend, device, dtype, host, port, max_batch, max_wait
 
 @main.command()
 def env():
-    """Print what is available: torch and CUDA, GPU, triton, onnxruntime, tensorrt, polygraphy."""
+    """Print what is available: torch and CUDA, GPU, and each optional package (extras) with its version."""
     from ldm_rt.env import environment_report
 
     for key, value in environment_report().items():
@@ -390,13 +414,17 @@ def env():
 @click.option("--ckpt-every", type=int, default=500, show_default=True)
 @click.option("--config", default="demo", show_default=True, help="demo (the shipped model) or tiny (tests).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Export directory (default: the package's ldm_rt/demo/model).")
+              help="Export directory (default: RUN_DIR/model; pass ldm_rt/demo/model's path to replace the built-in model).")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
               help="dit: warm-start a run dir that has no dit.pt from an exported model (e.g. ldm_rt/demo/model).")
 def train_demo(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out, init_from):
     """Train the built-in demo model (stages vae, dit, export); same as `python -m ldm_rt.demo.train`."""
     from ldm_rt.demo.train import run_cli
+    from ldm_rt.model_dir import writable_dir
+    from ldm_rt.seeds import check_seed
 
+    check_seed(seed)
+    writable_dir(run_dir)  # before any training: an unwritable run dir is one error line, not a traceback
     run_cli(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out, init_from)
 
 

@@ -29,7 +29,7 @@ def environment_report() -> dict[str, str]:
         props = torch.cuda.get_device_properties(0)
         report["gpu"] = f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
         report["cuda (torch build)"] = str(torch.version.cuda)
-    for dist in ("triton", "onnx", "tensorrt", "polygraphy"):
+    for dist in ("triton", "onnx", "onnxscript", "tensorrt", "polygraphy", "transformers", "diffusers", "matplotlib"):
         report[dist] = _version(dist) or "not installed"
     ort = _version("onnxruntime") or _version("onnxruntime-gpu")
     if ort:

@@ -25,8 +25,10 @@ class ModelDirError(LdmRtError):
     """A model directory or one of its components is missing or malformed."""
 
 
-class InputError(LdmRtError):
-    """A call argument (size, steps, guidance, prompt, path, device) is invalid."""
+class InputError(LdmRtError, ValueError):
+    """A call argument (size, steps, guidance, seed, prompt, path, device) is invalid.
+
+    Also a `ValueError`, so Python callers can catch it as the builtin they expect for a bad value."""
 
 
 class NonFiniteError(LdmRtError):

@@ -144,9 +144,11 @@ def init_model(
     directory (has model_index.json): then it is replaced.
     """
     from ldm_rt import families
+    from ldm_rt.seeds import check_seed
 
+    seed = check_seed(seed)
     family, config = families.preset(preset)
-    root = prepare_out_dir(path, overwrite)
+    root = writable_dir(prepare_out_dir(path, overwrite))  # fail before the (slow, for big presets) weights
     return family.save(family.random_components(config, seed), root, dtype)
 
 
@@ -164,12 +166,12 @@ def writable_dir(path: str | Path) -> Path:
     except OSError as exc:
         raise InputError(f"cannot create output directory {out_dir}: {exc.strerror or exc}.") from None
     if not out_dir.is_dir():
-        raise InputError(f"output path {out_dir} exists and is not a directory; give a directory to --out.")
+        raise InputError(f"output path {out_dir} exists and is not a directory; give a directory.")
     try:
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError:
-        raise InputError(f"output directory {out_dir} is not writable; choose another --out.") from None
+        raise InputError(f"output directory {out_dir} is not writable; choose another directory.") from None
     return out_dir
 
 

@@ -100,6 +100,9 @@ def run_parity(
     from ldm_rt.model_dir import default_model_dir, load_model_dir
     from ldm_rt.pipeline import Pipeline, resolve_device
 
+    from ldm_rt.seeds import check_seed
+
+    seed = check_seed(seed)
     path = Path(model_dir) if model_dir is not None else default_model_dir()
     reference = load_model_dir(path)  # stays fp32 on the CPU
     dev = resolve_device(device)
@@ -125,7 +128,7 @@ def run_parity(
         # In the backend's dtype (timestep stays fp32, as in the specs); the reference gets the
         # same rounded values in fp32, so a row measures the computation, not the input rounding.
         inputs = [x.to(run_dtype.dtype) if x.is_floating_point() and t.name not in _FP32_ALWAYS else x
-                  for t, x in zip(spec.inputs, spec.sample_inputs(*shape, seed=seed + i))]
+                  for t, x in zip(spec.inputs, spec.sample_inputs(*shape, seed=(seed + i) % 2**64))]
         args = [x.to(dev) for x in inputs]
         with torch.no_grad():
             # The DiT by input name (the spec's names are the backends' parameter names): a text- and

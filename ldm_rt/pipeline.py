@@ -11,6 +11,7 @@ Conventions follow diffusers so the same seed draws the same image:
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm_rt import call_args
 from ldm_rt.backends import load_backend
 from ldm_rt.errors import InputError, NonFiniteError
+from ldm_rt.limits import check_size
 from ldm_rt.precision import Precision
 from ldm_rt.schedulers import scheduler_from_config
+from ldm_rt.seeds import resolve_seed
 
 # What a family without defaults of its own samples with (`Family.default_steps`/`default_guidance`).
 DEFAULT_STEPS = 30
@@ -35,6 +39,8 @@ class GenerationResult:
     images: list[Image.Image]
     seed: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    steps: int | None = None  # the steps and guidance the call ran with (after the model's defaults)
+    guidance: float | None = None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -46,7 +52,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError):
         raise InputError(f"device {device!r} is not a valid torch device; use cpu or cuda.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device} was asked for but this machine has no CUDA GPU; use --device cpu.")
+        raise InputError(f"device {device} was asked for but this machine has no CUDA GPU; use device cpu.")
     if device.type not in ("cpu", "cuda"):
         raise InputError(f"device {device} is not supported; use cpu or cuda.")
     return device
@@ -54,7 +60,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def check_finite(x: torch.Tensor, stage: str, precision: Precision) -> None:
     if not torch.isfinite(x).all():
-        hint = " (fp16 overflow? try --dtype bf16 or fp32)" if precision is Precision.FP16 else ""
+        hint = " (fp16 overflow? try dtype bf16 or fp32)" if precision is Precision.FP16 else ""
         raise NonFiniteError(f"{stage} produced NaN or Inf values{hint}.")
 
 
@@ -92,11 +98,13 @@ class Pipeline:
     def __init__(self, components, backend: str = "torch", device=None, dtype=None, onnx_dir=None):
         from ldm_rt import families
 
+        self._components, self._onnx_dir = components, onnx_dir  # for `to()`
+        self._path = getattr(self, "_path", None)
         self.device = resolve_device(device)
         self.precision = Precision.parse(dtype) or Precision.default_for(self.device)
         # torch's CPU fp16 kernels are incomplete; onnxruntime's CPU provider runs fp16 graphs.
         if self.device.type == "cpu" and self.precision is Precision.FP16 and backend != "onnxruntime":
-            raise InputError("fp16 is not supported on the CPU; use --dtype fp32 or bf16 there.")
+            raise InputError("fp16 is not supported on the CPU; use dtype fp32 or bf16 there.")
         self.backend = backend
         self.family = families.for_components(components)
         self.components = components  # the reference modules (a family's extra encoders are read here)
@@ -117,7 +125,10 @@ class Pipeline:
     def from_pretrained(cls, path: str | Path, backend: str = "torch", device=None, dtype=None) -> Pipeline:
         from ldm_rt.model_dir import load_model_dir
 
-        return cls(load_model_dir(path), backend=backend, device=device, dtype=dtype)
+        pipe = cls.__new__(cls)
+        pipe._path = Path(path)
+        pipe.__init__(load_model_dir(path), backend=backend, device=device, dtype=dtype)
+        return pipe
 
     # -- derived sizes ---------------------------------------------------------------------------
 
@@ -137,7 +148,8 @@ class Pipeline:
     # -- stages ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def denoise(self, latents, *conditioning, steps: int, guidance: float, progress: bool = False, **options):
+    def denoise(self, latents, *conditioning, steps: int, guidance: float, progress: bool = False, callback=None,
+                **options):
         """The sampling loop. latents in the transformer's layout, fp32; `conditioning` the
         family's tensors (`Family.encode`: for a text DiT (text_states, text_mask, pooled), each
         [uncond; cond] when g > 1); `options` the family's step options (guidance_channels).
@@ -152,6 +164,8 @@ class Pipeline:
         step = self.step(scheduler, guidance, **options)
         for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
             latents = step(latents, i, *conditioning)
+            if callback is not None:  # callback(i, timestep, latents) -> latents (call_args.step_callback)
+                latents = callback(i, scheduler.timesteps[i], latents)
         check_finite(latents, "denoising", self.precision)
         return latents
 
@@ -192,19 +206,38 @@ class Pipeline:
         negative_prompt: str | list[str] | None = None,
         steps: int | None = None,
         guidance: float | None = None,
-        seed: int = 0,
+        seed: int | None = 0,
         height: int | None = None,
         width: int | None = None,
         num_images: int = 1,
         progress: bool = False,
         guidance_channels: int | None = None,
+        generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+        **diffusers_names,
     ) -> GenerationResult:
         """Text models: prompts are text. Class-conditional models: prompts are ImageNet class names
         or indices ("golden retriever", "207", 207), and `guidance_channels` picks how many latent
         channels CFG steers (None: all, as diffusers' DiTPipeline; 3: the original DiT sample.py).
         `latents` (B, C, h, w), as diffusers' argument of that name: the initial noise, instead of
-        `seeded_latents(shape, seed)`."""
+        `seeded_latents(shape, seed)`.
+
+        `seed`: 0..2**64-1; None draws a fresh one, returned as `GenerationResult.seed`.
+        diffusers' names and arguments (num_inference_steps, guidance_scale, generator, latents,
+        output_type, callback_on_step_end): see `ldm_rt.call_args`."""
+        if diffusers_names:
+            unknown = [k for k in diffusers_names if k not in call_args.ALIASES]
+            if unknown:
+                raise TypeError(f"generate() got unexpected keyword argument(s) {', '.join(unknown)}")
+            given = call_args.normalize(dict(diffusers_names, steps=steps, guidance=guidance,
+                                              num_images=None if num_images == 1 else num_images))
+            steps, guidance, num_images = given["steps"], given["guidance"], given["num_images"] or 1
+        call_args.check(output_type, generator, seed, latents, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        hooks = dict(generator=generator, latents=latents, output_type=output_type,
+                     callback=call_args.step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs))
         family = self.family
         prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
         steps = self.defaults.get("steps", family.default_steps) if steps is None else steps
@@ -217,36 +250,59 @@ class Pipeline:
             raise InputError("prompt must be a string or a non-empty list of strings.")
         if int(steps) != steps or steps < 1:
             raise InputError(f"steps must be a whole number >= 1, got {steps}.")
-        if guidance < 0 or guidance != guidance:
-            raise InputError(f"guidance must be >= 0, got {guidance}.")
+        if not math.isfinite(guidance) or guidance < 0:
+            raise InputError(f"guidance must be a finite number >= 0, got {guidance}.")
         if num_images < 1:
             raise InputError(f"num_images must be >= 1, got {num_images}.")
         # The family-specific arguments, passed on only when given.
         options = {k: v for k, v in dict(guidance_channels=guidance_channels).items() if v is not None}
+        seed = resolve_seed(seed) if generator is None else generator.initial_seed()
         return self._sample(prompts, negative_prompt, int(steps), float(guidance), seed, height, width, num_images,
-                            progress, options, latents)
+                            progress, options, **hooks)
 
     def _sample(self, prompts, negative_prompt, steps, guidance, seed, height, width, num_images, progress,
-                options, latents=None) -> GenerationResult:
+                options, generator=None, latents=None, output_type="pil", callback=None) -> GenerationResult:
         """The family's part of `generate`, once the arguments are checked."""
         family = self.family
         request = family.prepare(self, prompts, negative_prompt, num_images, options)
         shape = family.latent_shape(self.config, len(prompts) * num_images, height, width)
+        check_size(self.config, shape[0], height, width, guidance > 1.0, self.device)
         timings: dict[str, float] = {}
         with _stage("text_encoding", self.device, timings):
             conditioning = family.encode(self, request, guidance)
-        noise = (seeded_latents(shape, seed) if latents is None else _given_latents(latents, shape)).to(self.device)
+        latents = None if latents is None else _given_latents(latents, shape)
+        noise = call_args.initial_latents(shape, seed, generator, latents, self.device)
         latents = family.pack(self.config, noise)
         with _stage("denoising", self.device, timings):
             latents = self.denoise(latents, *conditioning, steps=steps, guidance=guidance, progress=progress,
-                                   **options)
+                                   callback=callback, **options)
         latents = family.unpack(self.config, latents, height, width)
         with _stage("decoding", self.device, timings):
-            images = to_pil(self.decode(latents))
-        return GenerationResult(images=images, seed=seed, timings=timings)
+            images = latents if output_type == "latent" else call_args.to_output(self.decode(latents), output_type,
+                                                                                 to_pil)
+        return GenerationResult(images=images, seed=seed, timings=timings, steps=steps, guidance=guidance)
 
-    def __call__(self, prompt, **kwargs) -> list[Image.Image]:
+    def __call__(self, prompt, **kwargs):
+        """`generate(...).images`: PIL images, or the `output_type`'s array/tensor (`ldm_rt.call_args`)."""
         return self.generate(prompt, **kwargs).images
+
+    def to(self, device=None, dtype=None) -> Pipeline:
+        """diffusers' `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cuda", torch.bfloat16)`:
+        the same model on another device/dtype (same backend). Weights are reloaded from the model
+        directory when the pipeline was made by `from_pretrained`, so a round trip through fp16
+        loses nothing."""
+        if isinstance(device, torch.dtype) and dtype is None:
+            device, dtype = None, device
+        device = self.device if device is None else device
+        precision = self.precision if dtype is None else Precision.parse(dtype)
+        if self._path is not None:
+            from ldm_rt.model_dir import load_model_dir
+
+            components = load_model_dir(self._path)
+        else:
+            components = self._components
+        self.__init__(components, backend=self.backend, device=device, dtype=precision, onnx_dir=self._onnx_dir)
+        return self
 
 
 @contextlib.contextmanager

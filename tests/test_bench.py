@@ -94,7 +94,8 @@ def test_report_renders_the_run_as_markdown(tiny_run, capsys):
     for stage in bench.STAGES:
         torch_ms, ort_ms = (runs[b]["stages"][stage] for b in ("torch", "onnxruntime"))
         ratio = runs["onnxruntime"]["speedup"]["vs_torch_eager"][stage]
-        row = f"| {stage} | {report._ms(torch_ms)} | {report._ms(ort_ms)} | {ratio:.2f}x |  |"
+        flag = " (noisy)" if stage in runs["onnxruntime"]["noisy"].get("vs_torch_eager", []) else ""
+        row = f"| {stage} | {report._ms(torch_ms)} | {report._ms(ort_ms)} | {ratio:.2f}x{flag} |  |"
         assert row in text, row
     assert "- skipped: tensorrt fp32 32 px: " in text and "- skipped: triton fp32 32 px: " in text
     assert report.main([str(out / "missing.json")]) == 2
@@ -217,3 +218,38 @@ def test_backends_refused_before_the_model_is_copied(backend, dtype, reason, mon
     with pytest.raises(LdmRtError, match=reason):
         bench.make_pipeline(backend, components, torch.device("cpu"), dtype)
     assert copies == []
+
+
+def test_summary_reports_the_spread():
+    times = [10.0 + i for i in range(9)] + [100.0]  # nine steady calls and one outlier
+    stats = bench.summarize(times)
+    assert (stats["median_ms"], stats["p10_ms"], stats["p90_ms"]) == (14.5, 10.0, 18.0)
+    assert stats["mad_ms"] == 2.5 and stats["spread"] == pytest.approx(8.0 / 14.5)
+
+
+def test_a_ratio_whose_spread_makes_it_meaningless_is_flagged():
+    """Issue 19: a torch step of 443 ms in one 5-call run (29-36 ms in reruns) gave a '16x'."""
+    steady = bench.summarize([30.0, 31.0, 29.5, 30.5, 30.2])
+    wild = bench.summarize([29.0, 443.0, 450.0, 36.0, 440.0])
+    runs = [bench.Run("torch", "fp32", 32, stages={"denoise_step": wild, "vae_decode": steady}),
+            bench.Run("onnxruntime", "fp32", 32, stages={"denoise_step": steady, "vae_decode": steady})]
+    bench.add_speedups(runs)
+    assert runs[1].noisy == {"vs_torch_eager": ["denoise_step"]}
+    results = {"settings": {"batch": 1, "steps": 2, "dit_batch": 2}, "model": {"source": "tiny"},
+               "device": {"type": "cpu", "name": "x", "torch_threads": 1}, "runs": [dataclasses.asdict(r) | {"one_time": {"first_call_ms": {
+                   "denoise_step": 1.0, "vae_decode": 1.0}, "load_s": 0.1}} for r in runs]}
+    lines = bench.format_table(results)
+    step = next(l for l in lines if "onnxruntime" in l and "denoise_step" in l)
+    vae = next(l for l in lines if "onnxruntime" in l and "vae_decode" in l)
+    assert "x?" in step and "x?" not in vae and lines[-1].startswith("?: (p90 - p10) / median above 50%")
+
+
+def test_missing_diffusers_names_its_own_extra(monkeypatch):
+    from ldm_rt.errors import MissingDependencyError
+    from ldm_rt.model_dir import random_components
+    from ldm_rt.configs import ModelConfig
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    vae = random_components(ModelConfig.from_name("tiny"), 0).vae
+    with pytest.raises(MissingDependencyError, match=r"pip install 'ldm-rt\[diffusers\]'"):
+        bench.diffusers_vae(vae)

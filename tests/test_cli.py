@@ -59,7 +59,13 @@ def test_subprocess_error_has_exit_code_and_no_traceback(tmp_path):
         (["--height", 30], "must be a positive multiple of 4"),
         (["--width", 2], "must be a positive multiple of 4"),
         (["--steps", 0], "steps must be"),
-        (["--guidance", -1], "guidance must be >= 0"),
+        (["--guidance", -1], "guidance must be a finite number >= 0"),
+        (["--guidance", "nan"], "--guidance nan is not a finite number"),
+        (["--guidance", "inf"], "--guidance inf is not a finite number"),
+        (["--height", 100000], "height 100000 is larger than this model takes: at most"),
+        (["--width", 100000], "width 100000 is larger than this model takes: at most"),
+        (["--seed", 10**20], "seed 100000000000000000000 is out of range"),
+        (["--seed", -1], "seed -1 is out of range"),
         (["--device", "cuda"], "no CUDA GPU"),
         (["--device", "tpu"], "not a valid torch device"),
         (["--backend", "tensorrt"], "pip install 'ldm-rt[tensorrt]'"),
@@ -182,5 +188,117 @@ def test_no_model_dir_without_demo_model_says_what_to_do(monkeypatch, tmp_path):
 def test_env_lists_backends():
     result = invoke("env")
     assert result.exit_code == 0
-    for key in ("torch", "cuda available", "triton", "onnxruntime", "tensorrt", "polygraphy"):
+    for key in ("torch", "cuda available", "triton", "onnxruntime", "tensorrt", "polygraphy", "onnxscript",
+                "transformers", "diffusers", "matplotlib"):
         assert key in result.output
+
+
+def _one_error_line(result):
+    assert result.exit_code == 1, result.output
+    lines = [l for l in result.output.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [
+    ["init-model", "{tmp}/m", "--seed", 2**64],
+    ["parity", "--backend", "torch", "--model-dir", "{model}", "--seed", 10**20],
+    ["train-demo", "--stage", "vae", "--run-dir", "{tmp}/run", "--steps", 1, "--config", "tiny", "--seed", 2**70],
+])
+def test_seed_out_of_range_is_one_error_line(command, tiny_model_dir, tmp_path):
+    args = [str(a).format(tmp=tmp_path, model=tiny_model_dir) for a in command]
+    assert "is out of range; a seed is an integer from 0 to 2**64-1" in _one_error_line(invoke(*args))
+
+
+@pytest.mark.parametrize("command", [
+    ["init-model", "/sys/ldm-rt-m", "--preset", "tiny"],
+    ["train-demo", "--stage", "vae", "--run-dir", "/sys/ldm-rt-run", "--steps", 1, "--config", "tiny"],
+])
+def test_unwritable_directory_is_one_error_line(command):
+    line = _one_error_line(invoke(*command))
+    assert "/sys/ldm-rt-" in line and ("cannot create" in line or "not writable" in line), line
+
+
+def test_huge_batch_is_refused_against_free_memory(tiny_model_dir, tmp_path, monkeypatch):
+    from ldm_rt import limits
+
+    monkeypatch.setattr(limits, "available_memory", lambda device: 2**14)  # 16 KiB free
+    line = _one_error_line(invoke("run", "--model-dir", tiny_model_dir, "--prompt", "x", "--num-images", 3,
+                                  "--out", tmp_path / "x.png"))
+    assert "3 image(s) of 16x16 would need about" in line and "GiB free on cpu" in line, line
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_no_seed_draws_a_fresh_printed_seed(tiny_model_dir, tmp_path):
+    seeds = []
+    for name in ("a.png", "b.png"):
+        result = invoke("run", "--model-dir", tiny_model_dir, "--prompt", "x", "--steps", 1, "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        line = next(l for l in result.output.splitlines() if l.startswith("seed: "))
+        seeds.append(int(line.split()[1]))
+        assert Image.open(tmp_path / name).text["seed"] == str(seeds[-1])
+    assert seeds[0] != seeds[1]  # 2**-32 odds of a false failure
+    again = tmp_path / "again.png"
+    assert invoke("run", "--model-dir", tiny_model_dir, "--prompt", "x", "--steps", 1, "--seed", seeds[0],
+                  "--out", again).exit_code == 0
+    assert Image.open(again).tobytes() == Image.open(tmp_path / "a.png").tobytes()
+
+
+def test_png_carries_its_recipe(tiny_model_dir, tmp_path):
+    out = tmp_path / "r.png"
+    result = invoke("run", "--model-dir", tiny_model_dir, "--prompt", "a red circle", "--negative-prompt", "blue",
+                    "--steps", 2, "--guidance", 3.5, "--seed", 11, "--height", 12, "--width", 20, "--out", out)
+    assert result.exit_code == 0, result.output
+    text = Image.open(out).text
+    assert {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "size", "backend")} == {
+        "prompt": "a red circle", "negative_prompt": "blue", "seed": "11", "steps": "2", "guidance": "3.5",
+        "size": "20x12", "backend": "torch"}
+    assert text["model"] == str(tiny_model_dir)
+    assert text["parameters"].startswith("a red circle\nNegative prompt: blue\nSteps: 2, CFG scale: 3.5, Seed: 11,")
+
+
+def test_several_prompts_say_which_file_is_which(tiny_model_dir, tmp_path):
+    out = tmp_path / "p.png"
+    result = invoke("run", "--model-dir", tiny_model_dir, "--prompt", "first one", "--prompt", "second one",
+                    "--steps", 1, "--seed", 0, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {tmp_path / 'p-0.png'} (16x16): 'first one'" in result.output
+    assert f"wrote {tmp_path / 'p-1.png'} (16x16): 'second one'" in result.output
+    assert Image.open(tmp_path / "p-1.png").text["prompt"] == "second one"
+    assert Image.open(tmp_path / "p-1.png").text["batch_index"] == "1"
+
+
+def test_overwriting_an_output_says_so(tiny_model_dir, tmp_path):
+    out = tmp_path / "o.png"
+    args = ("run", "--model-dir", tiny_model_dir, "--prompt", "x", "--steps", 1, "--seed", 0, "--out", out)
+    assert "replaced the existing file" not in invoke(*args).output
+    assert "replaced the existing file" in invoke(*args).output
+
+
+@pytest.mark.parametrize("args", [["--backend", "foo"], ["--steps", "abc"], []])
+def test_usage_errors_exit_2_with_usage_text(tiny_model_dir, args):
+    """What the README says of usage errors (click's): exit code 2, the usage line, one `Error:` line."""
+    result = invoke("run", "--model-dir", tiny_model_dir, *(args or ["--steps", 1]), *([] if not args else ["--prompt", "x"]))
+    assert result.exit_code == 2 and result.output.startswith("Usage: ") and "Error: " in result.output, result.output
+
+
+def test_init_model_help_lists_the_presets():
+    from ldm_rt.configs import PRESETS
+
+    output = " ".join(invoke("init-model", "--help").output.split())
+    assert all(name in output for name in PRESETS), output
+
+
+def test_train_demo_export_defaults_to_the_run_dir(tmp_path, monkeypatch):
+    """Never into the installed package by default; the output says how to make it the built-in model."""
+    from ldm_rt.demo import train
+
+    def fake_export(cfg, run_dir, out, use_ema=True):  # the export itself is tested in test_demo_train.py
+        out.mkdir(parents=True)
+        return out
+
+    monkeypatch.setattr(train, "export", fake_export)
+    result = invoke("train-demo", "--stage", "export", "--run-dir", tmp_path / "run", "--config", "tiny")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {tmp_path / 'run' / 'model'}" in result.output
+    assert "to make it the built-in model" in result.output and str(train.DEFAULT_OUT) in result.output

@@ -127,7 +127,9 @@ def test_external_data_above_threshold(tiny_model_dir, tmp_path, one_thread):
         components.vae.decoder.conv_out.bias.add_(0.5)
     lines = []
     manifest = export_model(components, tmp_path, ["vae_decoder"], log=lines.append)
-    assert len(lines) == 2 and "re-exporting" in lines[0] and "exported" in lines[1]
+    # a progress line before the (silent, minutes for DiT-XL/2) export of each component
+    assert len(lines) == 3 and "re-exporting" in lines[0] and "exported" in lines[2]
+    assert lines[1].startswith("vae_decoder: exporting (1/1, ") and "M parameters" in lines[1], lines
     assert manifest["components"]["vae_decoder"]["external_data"] is None and not data.exists()
     got = OrtComponent(path, spec, torch.device("cpu"), ["CPUExecutionProvider"])(latents)[0]
     with torch.no_grad():
@@ -188,6 +190,8 @@ def test_onnxruntime_backend_rejects_other_dtypes_on_cpu(tiny_model_dir):
         (["--static", "--batch", 0], "--batch 0"),
         (["--height", 16], "only apply with --static"),
         (["--dtype", "bf16", "--opset", 17], "--opset 17"),
+        (["--opset", 99], "--opset 99 is outside what the exporter writes: 18 to"),
+        (["--opset", 5], "--opset 5 is outside what the exporter writes: 18 to"),
     ],
 )
 def test_cli_export_bad_input_is_one_line(tiny_model_dir, tmp_path, args, message):
@@ -202,3 +206,21 @@ def test_cli_export_bad_input_is_one_line(tiny_model_dir, tmp_path, args, messag
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not os.path.exists(tmp_path / "out" / "vae_decoder.onnx")
+
+
+def test_manifest_records_the_opset_written(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    """The opset is read back from the file: an exporter that writes another opset than asked
+    (below 18 torch's version conversion is best effort, and left opset 18 at --opset 13) is an
+    error, never a manifest that claims the asked one."""
+    from ldm_rt.errors import LdmRtError
+    from ldm_rt.export import onnx_export
+
+    components = load_model_dir(tiny_model_dir)
+    manifest = export_model(components, tmp_path / "a", ["vae_decoder"], opset=19, log=lambda s: None)
+    written = onnx.load(str(tmp_path / "a" / "vae_decoder.onnx")).opset_import
+    assert manifest["opset"] == manifest["components"]["vae_decoder"]["opset"] == 19
+    assert [o.version for o in written if o.domain in ("", "ai.onnx")] == [19]
+    monkeypatch.setattr(onnx_export, "MIN_OPSET", 13)
+    with pytest.raises(LdmRtError, match="at --opset 13 wrote opset 18 instead"):
+        export_model(components, tmp_path / "b", ["vae_decoder"], opset=13, log=lambda s: None)
+    assert not (tmp_path / "b" / "vae_decoder.onnx").exists()

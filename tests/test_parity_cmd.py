@@ -182,7 +182,7 @@ def test_manifest_from_another_model_is_refused(export_copy, tmp_path):
 
 def test_onnx_dir_with_a_backend_that_takes_none(export_copy, tiny_model_dir):
     result = invoke("parity", "--model-dir", tiny_model_dir, "--backend", "torch", "--onnx-dir", export_copy)
-    one_error_line(result, "--onnx-dir applies to --backend onnxruntime")
+    one_error_line(result, "onnx_dir applies to backend onnxruntime")
 
 
 def test_unavailable_backend_is_one_line(tiny_model_dir):

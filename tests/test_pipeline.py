@@ -380,3 +380,108 @@ def test_given_latents_are_the_seeded_draw_and_batch_per_seed(pipe):
     assert psnr(torch.from_numpy(batched).double(), torch.from_numpy(reference).double()) >= IMAGE_PSNR_DB["fp32"]
     with pytest.raises(InputError, match="latents of shape"):
         pipe.generate("a red circle", latents=seeded_latents(shape, 5), **kw)
+
+
+# ----------------------------------------------------------------- issue 19: diffusers-style calls, seeds
+
+
+def test_diffusers_names_are_aliases_of_ours(pipe):
+    ours = pixels(pipe("a red circle", steps=2, guidance=3.0, num_images=2, seed=4, height=H, width=W))
+    theirs = pixels(pipe("a red circle", num_inference_steps=2, guidance_scale=3.0, num_images_per_prompt=2,
+                         generator=torch.Generator("cpu").manual_seed(4), height=H, width=W))
+    assert ours.shape == (2, H, W, 3) and np.array_equal(ours, theirs)
+    with pytest.raises(InputError, match="name the same setting"):
+        pipe("x", steps=2, num_inference_steps=3, height=H, width=W)
+
+
+def test_output_types_follow_diffusers(pipe):
+    kwargs = dict(steps=2, seed=1, height=H, width=W)
+    pil = pixels(pipe("a red circle", **kwargs))
+    arr = pipe("a red circle", output_type="np", **kwargs)
+    pt = pipe("a red circle", output_type="pt", **kwargs)
+    latent = pipe("a red circle", output_type="latent", **kwargs)
+    assert arr.dtype == np.float32 and arr.shape == (1, H, W, 3) and 0 <= arr.min() and arr.max() <= 1
+    assert pt.dtype == torch.float32 and pt.shape == (1, 3, H, W)
+    assert np.array_equal(pt.permute(0, 2, 3, 1).numpy(), arr)
+    assert np.array_equal(VaeImageProcessor.numpy_to_pil(arr)[0], Image.fromarray(pil[0]))  # diffusers' np -> PIL
+    assert latent.shape == pipe.latent_shape(1, H, W)
+    decoded = to_pil(pipe.decode(latent))
+    assert np.array_equal(pixels(decoded), pil)
+    with pytest.raises(InputError, match="output_type 'jpg'"):
+        pipe("x", output_type="jpg", **kwargs)
+
+
+def test_given_latents_are_used_and_the_callback_sees_every_step(pipe):
+    shape = pipe.latent_shape(1, H, W)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    seen = []
+
+    def callback(p, i, t, kwargs):
+        assert p is pipe and set(kwargs) == {"latents"}
+        seen.append((i, float(t), kwargs["latents"].clone()))
+        return kwargs
+
+    a = pipe("a red circle", steps=3, latents=noise, output_type="latent", callback_on_step_end=callback,
+             height=H, width=W)
+    b = pipe("a red circle", steps=3, seed=9, output_type="latent", height=H, width=W)
+    assert torch.equal(a, b)  # the same noise as seed 9 draws
+    assert [i for i, _, _ in seen] == [0, 1, 2] and torch.equal(seen[-1][2], a)
+    assert seen[0][1] > seen[1][1] > seen[2][1]  # the schedule's timesteps, decreasing
+    # a callback that returns new latents steers the loop
+    c = pipe("a red circle", steps=3, latents=noise, output_type="latent", height=H, width=W,
+             callback_on_step_end=lambda p, i, t, kw: {"latents": torch.zeros_like(kw["latents"])})
+    assert torch.equal(c, torch.zeros_like(c))
+    with pytest.raises(InputError, match="latents have shape"):
+        pipe("x", steps=1, latents=torch.randn(1, 4, 3, 3), height=H, width=W)
+
+
+def test_to_moves_device_and_dtype(pipe):
+    want = pixels(pipe("a red circle", steps=2, seed=2, height=H, width=W))
+    assert pipe.to(torch.bfloat16) is pipe and pipe.precision is Precision.BF16
+    pipe.to("cpu", torch.float32)
+    assert pipe.precision is Precision.FP32 and pipe.device.type == "cpu"
+    assert np.array_equal(pixels(pipe("a red circle", steps=2, seed=2, height=H, width=W)), want)
+
+
+@pytest.mark.parametrize("seed", [2**70, -1, 1.5, "3"])
+def test_seed_outside_0_to_2_64_is_an_input_error(pipe, seed):
+    with pytest.raises(InputError) as info:
+        pipe("x", steps=1, seed=seed, height=H, width=W)
+    assert isinstance(info.value, ValueError) and "seed" in str(info.value)  # InputError is a ValueError
+
+
+def test_seed_none_is_fresh_and_returned_and_large_seeds_work(pipe):
+    a, b = (pipe.generate("x", steps=1, seed=None, height=H, width=W) for _ in range(2))
+    assert a.seed != b.seed and 0 <= a.seed < 2**32  # 2**-32 odds of a false failure
+    again = pipe.generate("x", steps=1, seed=a.seed, height=H, width=W)
+    assert pixels(again.images).tobytes() == pixels(a.images).tobytes()
+    top = pipe.generate("x", steps=1, seed=2**64 - 1, output_type="latent", height=H, width=W)
+    assert top.seed == 2**64 - 1 and torch.isfinite(top.images).all()
+    # small seeds draw the noise they always did: torch.Generator("cpu").manual_seed(seed)
+    first = []
+    pipe.generate("x", steps=1, seed=5, height=H, width=W,
+                  callback_on_step_end=lambda p, i, t, kw: first.append(kw["latents"]) or kw)
+    steps_from = pipe.generate("x", steps=1, latents=torch.randn(pipe.latent_shape(1, H, W),
+                               generator=torch.Generator("cpu").manual_seed(5)), output_type="latent",
+                               height=H, width=W).images
+    assert torch.equal(first[0], steps_from)
+
+
+@pytest.mark.parametrize("guidance", [float("nan"), float("inf")])
+def test_non_finite_guidance_is_refused_before_any_work(pipe, guidance, monkeypatch):
+    monkeypatch.setattr(pipe, "encode_prompt", lambda *a: pytest.fail("text encoding ran"))
+    with pytest.raises(InputError, match="guidance must be a finite number >= 0"):
+        pipe("x", steps=1, guidance=guidance, height=H, width=W)
+
+
+def test_huge_size_is_refused_before_any_work(pipe, monkeypatch):
+    monkeypatch.setattr(pipe, "encode_prompt", lambda *a: pytest.fail("text encoding ran"))
+    with pytest.raises(InputError, match="height 100000 is larger than this model takes"):
+        pipe("x", steps=1, height=100000, width=W)
+
+
+def test_api_errors_name_no_cli_flags(pipe):
+    for call in (lambda: Pipeline.from_pretrained(pipe._path, device="cpu", dtype="fp16"),):
+        with pytest.raises(InputError) as info:
+            call()
+        assert "--" not in str(info.value), info.value

@@ -449,7 +449,7 @@ def test_tensorrt_backend_refuses_the_cpu_before_importing_tensorrt(tiny):
     from ldm_rt.backends.tensorrt_backend import load
     from ldm_rt.precision import Precision
 
-    with pytest.raises(InputError, match=r"runs on an NVIDIA GPU \(--device cuda\), not on cpu"):
+    with pytest.raises(InputError, match=r"runs on an NVIDIA GPU \(device cuda\), not on cpu"):
         load(tiny, torch.device("cpu"), Precision.FP32)
 
 

@@ -80,7 +80,7 @@ def load_backend(name: str, components, device: torch.device, precision: Precisi
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")
     if onnx_dir is not None and name not in ONNX_DIR_BACKENDS:
-        raise InputError(f"--onnx-dir applies to --backend {' or '.join(ONNX_DIR_BACKENDS)}, not {name}.")
+        raise InputError(f"onnx_dir applies to backend {' or '.join(ONNX_DIR_BACKENDS)}, not {name}.")
     check_backend(name, device, precision)
     if name == "torch":
         from ldm_rt.backends.torch_backend import load
@@ -98,4 +98,4 @@ def load_backend(name: str, components, device: torch.device, precision: Precisi
         from ldm_rt.backends.tensorrt_backend import load
 
         return load(components, device, precision)  # checks CUDA first, then exports and builds
-    raise LdmRtError(f"the {name} backend is not available in this version of ldm-rt yet; use --backend torch.")
+    raise LdmRtError(f"the {name} backend is not available in this version of ldm-rt yet; use backend torch.")

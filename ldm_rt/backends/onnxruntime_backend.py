@@ -158,7 +158,7 @@ def providers_for(device: torch.device) -> list:
         if "CUDAExecutionProvider" not in available:
             raise InputError(
                 f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (it has {', '.join(available)}): "
-                "pip install 'ldm-rt[onnxruntime-gpu]', or use --device cpu."
+                "pip install 'ldm-rt[onnxruntime-gpu]', or use device cpu."
             )
         index = device.index if device.index is not None else torch.cuda.current_device()
         return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
@@ -173,7 +173,7 @@ def check(device: torch.device, precision: Precision) -> list:
         # graph fails at session creation (NOT_IMPLEMENTED), so refuse it up front.
         raise InputError(
             f"the onnxruntime backend cannot run {precision.value} graphs (onnxruntime has no "
-            f"{precision.value} kernels for most of their ops); pass --dtype fp32 or fp16, or build a "
+            f"{precision.value} kernels for most of their ops); use dtype fp32 or fp16, or build a "
             "TensorRT engine from a bf16 export."
         )
     return providers_for(device)

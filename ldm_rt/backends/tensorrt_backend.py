@@ -178,8 +178,8 @@ def check(device: torch.device, precision: Precision = Precision.FP32):
 
     if device.type != "cuda":
         raise InputError(
-            f"the tensorrt backend runs on an NVIDIA GPU (--device cuda), not on {device}; "
-            "use --backend onnxruntime or torch there."
+            f"the tensorrt backend runs on an NVIDIA GPU (device cuda), not on {device}; "
+            "use backend onnxruntime or torch there."
         )
     build_plan(import_tensorrt(), precision.value)  # TensorRT too old for strongly typed networks
     for module in ("onnx", "onnxscript"):

@@ -124,15 +124,15 @@ def check_device(device: torch.device, precision: Precision) -> bool:
     if device.type == "cuda":
         if precision is Precision.FP32:
             raise InputError("the triton backend runs in fp16 or bf16 on CUDA (its fp32 path skips the tensor "
-                             "cores and exists for CPU tests); pass --dtype fp16 or bf16, or use --backend torch for fp32.")
+                             "cores and exists for CPU tests); use dtype fp16 or bf16, or backend torch for fp32.")
         return True
     if device.type == "cpu" and kernels.interpreting():
         if precision is not Precision.FP32:
             raise InputError(f"Triton's CPU interpreter (TRITON_INTERPRET=1) runs the triton backend in fp32 only, "
-                             f"not {precision.value}; pass --dtype fp32.")
+                             f"not {precision.value}; use dtype fp32.")
         return False
     missing = "" if torch.cuda.is_available() else ", and this machine has no CUDA GPU"
-    raise InputError(f"the triton backend needs a CUDA device, not {device}{missing}; use --backend torch "
+    raise InputError(f"the triton backend needs a CUDA device, not {device}{missing}; use backend torch "
                      "(or set TRITON_INTERPRET=1 to run the kernels in Triton's slow CPU interpreter, for tests).")
 
 

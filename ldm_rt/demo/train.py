@@ -2,7 +2,7 @@
 
     python -m ldm_rt.demo.train --stage vae    --run-dir runs/demo --steps 3000
     python -m ldm_rt.demo.train --stage dit    --run-dir runs/demo --steps 30000
-    python -m ldm_rt.demo.train --stage export --run-dir runs/demo [--out ldm_rt/demo/model]
+    python -m ldm_rt.demo.train --stage export --run-dir runs/demo [--out DIR]  # default runs/demo/model
 
 - `vae`: AutoencoderKL (encoder + decoder) on fresh rendered images in [-1, 1] (foreground-
   centred crops); MSE + KL (1e-6).
@@ -537,7 +537,8 @@ def train(stage: str, run_dir: str | Path, steps: int = 0, seed: int = 0, batch:
     if init_from is not None and stage != "dit":
         raise InputError(f"--init-from applies to --stage dit, not {stage}.")
     if stage == "export":
-        path = export(cfg, run_dir, Path(out) if out is not None else DEFAULT_OUT)
+        # Into the run dir by default, never into the installed package (issue 19); run_cli says how to ship it.
+        path = export(cfg, run_dir, Path(out) if out is not None else run_dir / "model")
         return path
     if steps < 1:
         raise InputError(f"--steps {steps}: give the total number of steps (>= 1).")
@@ -561,7 +562,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--config", default="demo", help="demo (the shipped model) or tiny (tests)")
-    p.add_argument("--out", type=Path, default=None, help=f"export directory (default {DEFAULT_OUT})")
+    p.add_argument("--out", type=Path, default=None, help="export directory (default RUN_DIR/model)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="dit: warm-start a run dir without dit.pt from an exported model (e.g. ldm_rt/demo/model)")
     return p.parse_args(argv)
@@ -574,6 +575,9 @@ def run_cli(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, confi
     cfg = demo_config(config)
     if stage == "export":
         print(f"wrote {result} ({dir_size_mb(result):.1f} MB)")
+        if Path(result).resolve() != DEFAULT_OUT.resolve():
+            print(f"to make it the built-in model (what `ldm-rt run` uses without --model-dir), copy it over "
+                  f"{DEFAULT_OUT}, or export with --out {DEFAULT_OUT}")
     elif stage == "vae":
         print(f"vae: held-out PSNR {vae_psnr(load_vae(cfg, Path(run_dir)), cfg):.2f} dB")
 

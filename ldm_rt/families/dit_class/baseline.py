@@ -22,7 +22,7 @@ def diffusers_dit(ours):
     from ldm_rt.dit_checkpoints import to_diffusers
     from ldm_rt.errors import require
 
-    diffusers = require("diffusers", "test", "the diffusers DiTTransformer2DModel baseline")
+    diffusers = require("diffusers", "diffusers", "the diffusers DiTTransformer2DModel baseline")
     c = ours.config
     hf = diffusers.DiTTransformer2DModel(
         num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads, in_channels=c.in_channels,
