@@ -71,12 +71,6 @@ def seeded_latents(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
 
-def _given_latents(latents: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    if tuple(latents.shape) != tuple(shape):
-        raise InputError(f"latents of shape {tuple(latents.shape)} given where the call draws {tuple(shape)}.")
-    return latents.float()
-
-
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images, as diffusers' `VaeImageProcessor` does."""
     x = (images.float() / 2 + 0.5).clamp(0, 1)
@@ -270,7 +264,6 @@ class Pipeline:
         timings: dict[str, float] = {}
         with _stage("text_encoding", self.device, timings):
             conditioning = family.encode(self, request, guidance)
-        latents = None if latents is None else _given_latents(latents, shape)
         noise = call_args.initial_latents(shape, seed, generator, latents, self.device)
         latents = family.pack(self.config, noise)
         with _stage("denoising", self.device, timings):

@@ -378,7 +378,7 @@ def test_given_latents_are_the_seeded_draw_and_batch_per_seed(pipe):
     batched = pixels(pipe.generate(["a red circle"] * 2 + ["two blue squares"], latents=latents, **kw).images)
     reference = np.concatenate([alone, other])
     assert psnr(torch.from_numpy(batched).double(), torch.from_numpy(reference).double()) >= IMAGE_PSNR_DB["fp32"]
-    with pytest.raises(InputError, match="latents of shape"):
+    with pytest.raises(InputError, match="latents have shape"):
         pipe.generate("a red circle", latents=seeded_latents(shape, 5), **kw)
 
 

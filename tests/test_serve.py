@@ -124,7 +124,9 @@ BAD_BODIES = [
     (dict(size="16x16"), "prompt: Field required"),
     (dict(prompt="a red circle", response_format="url"), "response_format must be 'b64_json'"),
     (dict(prompt="a red circle", quality="hd"), "unknown field 'quality'"),
-    (dict(prompt="a red circle", seed=-3), "seed must be between 0"),
+    (dict(prompt="a red circle", seed=-3), "seed -3 is out of range"),
+    (dict(prompt="a red circle", seed=2**64), "a seed is an integer from 0 to 2**64-1"),
+    (dict(prompt="a red circle", size="100000x16"), "width 100000 is larger than this model takes"),
 ]
 
 

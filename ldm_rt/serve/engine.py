@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import logging
-import random
 import re
 import time
 from dataclasses import dataclass, field
@@ -71,10 +70,11 @@ def parse_size(size: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def encode_png(image) -> bytes:
-    """The bytes `ldm-rt run` writes (`Image.save(path)` on a .png path: PIL's PNG defaults)."""
+def encode_png(image, info=None) -> bytes:
+    """The bytes `ldm-rt run` writes: PIL's PNG defaults and, given `info`, the same recipe chunks
+    (`ldm_rt.png_info`)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
@@ -108,7 +108,9 @@ class Engine:
     def check(self, prompt, n=1, size=None, seed=None, steps=None, guidance=None, negative_prompt=None) -> ImageRequest:
         """The pipeline's own checks (InputError with one sentence), before the request is queued,
         so that one bad request never fails the batch it would have joined."""
+        from ldm_rt.limits import check_size
         from ldm_rt.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
+        from ldm_rt.seeds import resolve_seed
 
         pipe = self.pipe
         defaults = pipe.defaults
@@ -137,10 +139,8 @@ class Engine:
             if negative_prompt:
                 raise InputError("a class-conditional model takes no negative prompt: guidance steers away from "
                                  "the null class.")
-        if seed is None:
-            seed = random.randrange(2**31)
-        if not 0 <= seed < 2**63:
-            raise InputError(f"seed must be between 0 and 2**63 - 1, got {seed}.")
+        seed = resolve_seed(seed)  # 0..2**64-1; none given: a fresh one, as `run` without --seed
+        check_size(pipe.config, n, height, width, guidance > 1.0, pipe.device)  # the limit `run` applies
         return ImageRequest(prompt, n, height, width, seed, int(steps), guidance, negative_prompt or None)
 
     # -- generation (the model thread) ------------------------------------------------------------
@@ -158,9 +158,19 @@ class Engine:
             return BatchReport(outcomes, sum(r.n for r in requests), {})
         outcomes, i = [], 0
         for r in requests:
-            outcomes.append(Outcome(pngs=[encode_png(im) for im in images[i:i + r.n]]))
+            outcomes.append(Outcome(pngs=[encode_png(im, self._png_info(r, k, im)) for k, im in
+                                          enumerate(images[i:i + r.n])]))
             i += r.n
         return BatchReport(outcomes, i, timings)
+
+    def _png_info(self, request: ImageRequest, index: int, image):
+        """The recipe chunks `ldm-rt run` writes for the same call (model and backend as served)."""
+        from ldm_rt.png_info import png_info
+
+        return png_info(prompt=request.prompt, negative_prompt=request.negative_prompt or "", seed=request.seed,
+                        steps=request.steps, guidance=request.guidance, height=image.height, width=image.width,
+                        model=str(self.model_dir or "built-in demo"), backend=self.backend,
+                        batch=(index, request.n) if request.n > 1 else None)
 
     def _generate(self, requests: list[ImageRequest]):
         import torch
