@@ -72,7 +72,8 @@ def output_paths(out: Path | None, seed: int, count: int) -> list[Path]:
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default="torch", show_default=True)
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's, else 30).")
 @click.option("--guidance", type=float, default=None,
-              help="Classifier-free guidance scale; <= 1 disables CFG (default: the model's, else 4.0).")
+              help="Classifier-free guidance scale, <= 1 disables CFG; FLUX.1-dev: the embedded guidance "
+                   "(default: the model's, else 4.0).")
 @click.option("--seed", type=int, default=None,
               help="0..2**64-1 (default: a fresh random seed, printed, so each run draws a new image).")
 @click.option("--height", type=int, default=None, help="Image height in pixels (default: the model's).")
@@ -86,8 +87,14 @@ def output_paths(out: Path | None, seed: int, count: int) -> list[Path]:
 @click.option("--guidance-channels", type=int, default=None,
               help="Class-conditional DiT: latent channels CFG steers (default all, as diffusers' DiTPipeline; "
                    "3 as facebookresearch/DiT sample.py).")
+@click.option("--true-cfg-scale", type=float, default=None,
+              help="FLUX.1: true classifier-free guidance with --negative-prompt when > 1 (diffusers' true_cfg_scale; "
+                   "two transformer rows per image).")
+@click.option("--text-encoder-device", type=click.Choice(["same", "cpu", "cuda"]), default=None,
+              help="FLUX.1: where the text encoders (CLIP, T5) run; cpu keeps T5-XXL off the GPU (default: same "
+                   "as --device).")
 def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, height, width, num_images, out,
-        device, dtype, guidance_channels):
+        device, dtype, guidance_channels, true_cfg_scale, text_encoder_device):
     """Generate images from a text prompt (or ImageNet classes, for a class-conditional DiT)."""
     import math
     import time
@@ -106,7 +113,8 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
     paths = output_paths(out, seed, len(prompts) * num_images)
     for path in paths:
         _check_writable(path)
-    pipe = Pipeline.from_pretrained(model_dir or default_model_dir(), backend=backend, device=device, dtype=dtype)
+    pipe = Pipeline.from_pretrained(model_dir or default_model_dir(), backend=backend, device=device, dtype=dtype,
+                                    text_encoder_device=text_encoder_device)
     click.echo(f"model: {model_dir or 'built-in demo'} | backend {backend} | {pipe.device} {pipe.precision.value}",
                err=True)
     if fresh:
@@ -114,7 +122,8 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
     load_s = time.perf_counter() - start
     result = pipe.generate(prompts if len(prompts) > 1 else prompts[0], negative_prompt=negative_prompt,
                            steps=steps, guidance=guidance, seed=seed, height=height, width=width,
-                           num_images=num_images, progress=True, guidance_channels=guidance_channels)
+                           num_images=num_images, progress=True, guidance_channels=guidance_channels,
+                           true_cfg_scale=true_cfg_scale)
     file_prompts = [p for p in prompts for _ in range(num_images)]
     for i, (image, path, text) in enumerate(zip(result.images, paths, file_prompts)):
         existed = path.exists()
@@ -139,7 +148,7 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
 def _preset_help() -> str:
     from ldm_rt.configs import PRESETS
 
-    return "Preset name: " + ", ".join(PRESETS) + "."
+    return "Preset name: " + ", ".join(PRESETS) + "; FLUX.1: flux-tiny, flux-schnell, flux-dev."
 
 
 @main.command("init-model")

@@ -23,9 +23,7 @@ from PIL import Image
 from ldm_rt import call_args
 from ldm_rt.backends import load_backend
 from ldm_rt.errors import InputError, NonFiniteError
-from ldm_rt.limits import check_size
 from ldm_rt.precision import Precision
-from ldm_rt.schedulers import scheduler_from_config
 from ldm_rt.seeds import resolve_seed
 
 # What a family without defaults of its own samples with (`Family.default_steps`/`default_guidance`).
@@ -89,10 +87,12 @@ class Pipeline:
     `encode_prompt` for a text DiT, `denoise_class` for a class DiT).
     """
 
-    def __init__(self, components, backend: str = "torch", device=None, dtype=None, onnx_dir=None):
+    def __init__(self, components, backend: str = "torch", device=None, dtype=None, onnx_dir=None,
+                 text_encoder_device=None):
         from ldm_rt import families
 
         self._components, self._onnx_dir = components, onnx_dir  # for `to()`
+        self._text_encoder_device = text_encoder_device
         self._path = getattr(self, "_path", None)
         self.device = resolve_device(device)
         self.precision = Precision.parse(dtype) or Precision.default_for(self.device)
@@ -101,6 +101,10 @@ class Pipeline:
             raise InputError("fp16 is not supported on the CPU; use dtype fp32 or bf16 there.")
         self.backend = backend
         self.family = families.for_components(components)
+        if self.family.backends is not None and backend not in self.family.backends:
+            raise InputError(f"{self.family.name} models run on backend {' or '.join(self.family.backends)} in this "
+                             f"version of ldm-rt, not {backend}; use backend {self.family.backends[0]}.")
+        self.text_encoder_device = self._resolve_text_encoder_device(text_encoder_device)
         self.components = components  # the reference modules (a family's extra encoders are read here)
         self.config = components.config
         self.defaults = dict(components.defaults)
@@ -116,13 +120,27 @@ class Pipeline:
             setattr(self, name, method)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, backend: str = "torch", device=None, dtype=None) -> Pipeline:
+    def from_pretrained(cls, path: str | Path, backend: str = "torch", device=None, dtype=None,
+                        text_encoder_device=None) -> Pipeline:
+        """`text_encoder_device`: where a family that runs its own text encoders (FLUX.1's CLIP and
+        T5) keeps them: "same" or None (the pipeline's device), "cpu" (frees the GPU memory of T5-XXL,
+        ~9.5 GB in bf16, for the transformer) or "cuda"."""
         from ldm_rt.model_dir import load_model_dir
 
         pipe = cls.__new__(cls)
         pipe._path = Path(path)
-        pipe.__init__(load_model_dir(path), backend=backend, device=device, dtype=dtype)
+        pipe.__init__(load_model_dir(path), backend=backend, device=device, dtype=dtype,
+                      text_encoder_device=text_encoder_device)
         return pipe
+
+    def _resolve_text_encoder_device(self, value) -> torch.device:
+        if value is None or value == "same":
+            return self.device
+        device = resolve_device(value)
+        if device != self.device and not self.family.places_text_encoders:
+            raise InputError(f"text_encoder_device does not apply to {self.family.name} models: their text encoder "
+                             "runs through the backend, on the pipeline's device.")
+        return device
 
     # -- derived sizes ---------------------------------------------------------------------------
 
@@ -154,7 +172,7 @@ class Pipeline:
         from tqdm.auto import tqdm
 
         seq_len = self.family.image_seq_len(self.config, latents)
-        scheduler = scheduler_from_config(self.scheduler, steps, image_seq_len=seq_len)
+        scheduler = self.family.scheduler(self.scheduler, steps, seq_len)
         step = self.step(scheduler, guidance, **options)
         for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
             latents = step(latents, i, *conditioning)
@@ -206,6 +224,7 @@ class Pipeline:
         num_images: int = 1,
         progress: bool = False,
         guidance_channels: int | None = None,
+        true_cfg_scale: float | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -216,6 +235,8 @@ class Pipeline:
         """Text models: prompts are text. Class-conditional models: prompts are ImageNet class names
         or indices ("golden retriever", "207", 207), and `guidance_channels` picks how many latent
         channels CFG steers (None: all, as diffusers' DiTPipeline; 3: the original DiT sample.py).
+        FLUX.1: `guidance` is the embedded guidance (dev); `true_cfg_scale` > 1 with a
+        `negative_prompt` runs diffusers' true CFG.
         `latents` (B, C, h, w), as diffusers' argument of that name: the initial noise, instead of
         `seeded_latents(shape, seed)`.
 
@@ -249,7 +270,8 @@ class Pipeline:
         if num_images < 1:
             raise InputError(f"num_images must be >= 1, got {num_images}.")
         # The family-specific arguments, passed on only when given.
-        options = {k: v for k, v in dict(guidance_channels=guidance_channels).items() if v is not None}
+        options = {k: v for k, v in dict(guidance_channels=guidance_channels, true_cfg_scale=true_cfg_scale).items()
+                   if v is not None}
         seed = resolve_seed(seed) if generator is None else generator.initial_seed()
         return self._sample(prompts, negative_prompt, int(steps), float(guidance), seed, height, width, num_images,
                             progress, options, **hooks)
@@ -260,7 +282,7 @@ class Pipeline:
         family = self.family
         request = family.prepare(self, prompts, negative_prompt, num_images, options)
         shape = family.latent_shape(self.config, len(prompts) * num_images, height, width)
-        check_size(self.config, shape[0], height, width, guidance > 1.0, self.device)
+        family.check_size(self.config, shape[0], height, width, guidance, self.device)
         timings: dict[str, float] = {}
         with _stage("text_encoding", self.device, timings):
             conditioning = family.encode(self, request, guidance)
@@ -294,7 +316,8 @@ class Pipeline:
             components = load_model_dir(self._path)
         else:
             components = self._components
-        self.__init__(components, backend=self.backend, device=device, dtype=precision, onnx_dir=self._onnx_dir)
+        self.__init__(components, backend=self.backend, device=device, dtype=precision, onnx_dir=self._onnx_dir,
+                      text_encoder_device=self._text_encoder_device)
         return self
 
 

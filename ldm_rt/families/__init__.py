@@ -27,8 +27,9 @@ def _load_builtins() -> None:
         _BUILTINS_LOADED = True
         from ldm_rt.families.dit_class import FAMILY as DIT_CLASS
         from ldm_rt.families.dit_text import FAMILY as DIT_TEXT
+        from ldm_rt.families.flux import FAMILY as FLUX
 
-        _REGISTRY[:0] = [DIT_TEXT, DIT_CLASS]  # before any family registered earlier by a user
+        _REGISTRY[:0] = [DIT_TEXT, DIT_CLASS, FLUX]  # before any family registered earlier by a user
 
 
 def register(family: Family) -> Family:

@@ -16,12 +16,15 @@ What a family declares, and who asks:
 | `owns(config)` | whether a config (a preset, `Components.config`) is this family's | export specs, presets |
 | `load(root, index)` / `save(...)` | read / write a model directory: components, key maps, checks | `model_dir` |
 | `presets()`, `random_components(config, seed)` | `init-model` presets and seeded random models | `model_dir.init_model`, bench |
+| `backends`, `places_text_encoders` | the backends it runs on (None: all); whether it honours `text_encoder_device` | `Pipeline.__init__` |
 | `default_steps`, `default_guidance`, `default_size(config)` | run defaults when the directory's `_ldm_rt_defaults` has none | `Pipeline.generate` |
 | `prompt_types` | what one prompt may be (text; class names or indices) | `Pipeline.generate` |
 | `prepare(pipe, prompts, negative_prompt, num_images, options)` | cheap checks of a request, no model call; returns the family's request | `Pipeline.generate` |
 | `encode(pipe, request, guidance)` | prompts -> the conditioning tensors of every step, in the step's batch layout | `Pipeline.generate` ("text_encoding" stage) |
 | `latent_shape(config, batch, height, width)` | the noise drawn (diffusers' seeding draws exactly this shape), with the size checks | `Pipeline.generate` |
 | `pack(config, noise)` / `unpack(config, latents, height, width)` | noise -> the transformer's token layout, and back before the VAE (identity for DiT; Flux packs 2x2 patches into 64-wide tokens) | `Pipeline.generate` |
+| `check_size(config, batch, height, width, guidance, device)` | the size/memory limits of a request (`ldm_rt.limits`) | `Pipeline.generate`, serve |
+| `scheduler(scheduler_config, steps, image_seq_len)` | the schedule (default: the config's scheduler class; Flux passes FluxPipeline's sigmas) | `Pipeline.denoise` |
 | `image_seq_len(config, latents)` | image tokens, for a schedule that depends on them (dynamic shift) | `Pipeline.denoise` |
 | `step(pipe, scheduler, guidance, options)` | the pure denoising-step function (`StepFunction`) | `Pipeline.step` |
 | `export_specs(config)` | fp32 `ComponentSpec`s, one per exported graph, in export order | `export.specs.component_specs` |
@@ -106,6 +109,8 @@ class Family:
     prompt_types: tuple[type, ...] = (str,)
     default_steps: int = 30
     default_guidance: float = 4.0
+    backends: tuple[str, ...] | None = None  # the backends this family's models run on; None: every one
+    places_text_encoders: bool = False  # True: `encode` puts its text encoders on `pipe.text_encoder_device`
 
     # -- recognition and loading ----------------------------------------------------------------
 
@@ -168,6 +173,19 @@ class Family:
     def unpack(self, config, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The transformer's layout -> (B, C, h, w) VAE latents (identity for DiT)."""
         return latents
+
+    def check_size(self, config, batch: int, height: int, width: int, guidance: float, device: torch.device) -> None:
+        """InputError when `batch` images of height x width cannot be made (too large a side, not enough
+        memory), before any work; the DiT limits of `ldm_rt.limits` (CFG doubles the batch when g > 1)."""
+        from ldm_rt.limits import check_size
+
+        check_size(config, batch, height, width, guidance > 1.0, device)
+
+    def scheduler(self, scheduler_config: dict[str, Any], steps: int, image_seq_len: int):
+        """The pure scheduler for `steps` steps (`ldm_rt.schedulers`), from scheduler_config.json."""
+        from ldm_rt.schedulers import scheduler_from_config
+
+        return scheduler_from_config(scheduler_config, steps, image_seq_len=image_seq_len)
 
     def image_seq_len(self, config, latents: torch.Tensor) -> int:
         """Image tokens the transformer sees for `latents` (a dynamic-shift schedule needs it)."""

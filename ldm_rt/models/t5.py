@@ -298,6 +298,26 @@ class T5Tokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
             raise ModelDirError(f"T5 tokenizer file {path} is not a readable tokenizer.json ({exc}).") from None
 
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def save(self, folder) -> None:
+        """Write folder/tokenizer.json (+ the tokenizer_config.json and special_tokens_map.json that
+        transformers' `T5TokenizerFast.from_pretrained` reads); `from_file` reads it back."""
+        import json
+        from pathlib import Path
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tokenizer.save(str(folder / "tokenizer.json"))
+        eos, pad = self._tokenizer.id_to_token(self.eos_token_id), self._tokenizer.id_to_token(self.pad_token_id)
+        unk = "<unk>" if self._tokenizer.token_to_id("<unk>") is not None else None
+        special = {"eos_token": eos, "pad_token": pad, **({"unk_token": unk} if unk else {})}
+        config = {"tokenizer_class": "T5Tokenizer", "model_max_length": self.max_length, "extra_ids": 0, **special}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
     def __call__(self, texts: list[str]) -> torch.Tensor:
         """texts -> input_ids (B, max_length) int64."""
         rows = []

@@ -179,7 +179,7 @@ class DiTTextFamily(Family):
 
     def prepare(self, pipe, prompts, negative_prompt, num_images, options):
         if options:
-            raise InputError(f"{', '.join(options)} applies to class-conditional DiTs only.")
+            raise InputError(f"{', '.join(options)} does not apply to ldm-rt's text DiT.")
         negatives = ([negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list)
                      else negative_prompt)
         if len(negatives) != len(prompts):

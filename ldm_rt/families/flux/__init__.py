@@ -1,1 +1,253 @@
-"""FLUX.1 (schnell, dev): reference transformer, config presets and pure sampling functions."""
+"""FLUX.1 (schnell, dev) as a model family: diffusers' `FluxPipeline`, step for step, on the seam.
+
+The folder also holds the building blocks (reference transformer, config presets, pure sampling
+functions); this module is the `Family` that assembles them. Sampling follows FluxPipeline so the
+same seed draws the same image:
+- prompts: CLIP pooled output (B, 768) + T5 last hidden states padded to `max_sequence_length`
+  (256 schnell, 512 dev; no attention mask, as FluxPipeline) + text ids zeros (L, 3);
+- noise (B, 16, h, w) drawn by the generic seeding, packed into 2x2-patch tokens. The step's
+  latent layout is the token grid (B, h/2, w/2, 64): the same values as diffusers' (B, h/2 * w/2,
+  64), kept 4-D so that the step function derives the image position ids from the shape;
+- schedule: FlowMatchEuler with sigmas linspace(1, 1/steps, steps), dynamic shift mu from the
+  image token count (`sampling.flux_scheduler`);
+- guidance: dev's embedded guidance (one transformer call per step, no unconditional half); a
+  model without a guidance embedder (schnell) ignores it, with a warning when one is given;
+- true CFG (`true_cfg_scale` > 1 and a negative prompt, as diffusers): [negative; prompt] in one
+  batched transformer call, negative + scale * (cond - negative).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ldm_rt.errors import ConfigError, InputError
+from ldm_rt.families.base import Family, StepFunction
+
+
+def flux_step(transformer, update, latents, t, coefficients, guidance, prompt_embeds, pooled, txt_ids, *,
+              guidance_embeds: bool, true_cfg_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """latents (B, h/2, w/2, 64) fp32 -> the latents after one step. t (B,) is the step's
+    timestep (sigma x 1000), guidance a 0-d fp32 tensor (fed to the guidance embedder when the
+    model has one). prompt_embeds/pooled hold B rows, or 2B ([negative; prompt]) for true CFG."""
+    from ldm_rt.families.flux.sampling import true_cfg
+
+    b, gh, gw, c = latents.shape
+    x = latents.reshape(b, gh * gw, c)  # (B, N, 64), diffusers' packed layout
+    axes = [torch.arange(n, device=x.device, dtype=torch.float32) for n in (1, gh, gw)]  # (0, row, col)
+    img_ids = torch.stack(torch.meshgrid(axes[0] * 0, axes[1], axes[2], indexing="ij"), -1).reshape(-1, 3)
+    do_cfg = prompt_embeds.shape[0] == 2 * b
+    model_in = torch.cat([x, x]) if do_cfg else x
+    rows = model_in.shape[0]
+    timestep = t[:1].expand(rows).to(dtype) / 1000  # as FluxPipeline: t.to(latents dtype) / 1000
+    g = guidance.expand(rows) if guidance_embeds else None
+    out = transformer(model_in.to(dtype), prompt_embeds, pooled, timestep, img_ids.to(dtype), txt_ids, g).float()
+    if do_cfg:
+        negative, cond = out.chunk(2)
+        out = true_cfg(cond, negative, true_cfg_scale)
+    return update(latents, out.reshape(b, gh, gw, c), coefficients)
+
+
+@dataclass
+class FluxRequest:
+    prompts: list[str]  # one row per distinct prompt; num_images repeats the encodings (as diffusers)
+    negatives: list[str] | None  # with true CFG only
+    num_images: int
+    true_cfg_scale: float
+
+
+def _placed(module, device: torch.device, dtype: torch.dtype, t5: bool = False):
+    """`module` on the text-encoder device in `dtype` (moved once, then a no-op)."""
+    from ldm_rt.models.t5 import to_inference_dtype
+
+    p = module.shared.weight if t5 else next(module.parameters())
+    if p.device != device or p.dtype != dtype:
+        module.to(device)
+        to_inference_dtype(module, dtype) if t5 else module.to(dtype)
+    return module
+
+
+def text_encoder_dtype(pipe) -> torch.dtype:
+    """The pipeline's dtype; on a CPU text-encoder device under an fp16 pipeline bf16 (torch's CPU
+    fp16 kernels are incomplete)."""
+    dtype = pipe.precision.dtype
+    return torch.bfloat16 if pipe.text_encoder_device.type == "cpu" and dtype == torch.float16 else dtype
+
+
+@torch.no_grad()
+def encode_prompt(pipe, prompts: list[str], num_images: int = 1):
+    """prompts -> (prompt_embeds (B, L, d_t5), pooled (B, d_clip), txt_ids (L, 3)) on pipe.device in the
+    pipeline's dtype, each prompt's rows repeated num_images times; FluxPipeline.encode_prompt."""
+    from ldm_rt.pipeline import check_finite
+
+    device, dtype = pipe.text_encoder_device, text_encoder_dtype(pipe)
+    clip = _placed(pipe.components.text_encoder, device, dtype)
+    t5 = _placed(pipe.components.text_encoder_2, device, dtype, t5=True)
+    tokens = pipe.tokenizer(prompts)
+    for prompt, cut in zip(prompts, tokens.truncated):
+        if cut:
+            warnings.warn(f"prompt truncated to {pipe.tokenizer.max_length} tokens for CLIP, as FluxPipeline does: "
+                          f"{prompt[:60]!r}...", stacklevel=4)
+    _, pooled = clip(tokens.input_ids.to(device))
+    prompt_embeds = t5(pipe.components.tokenizer_2(prompts).to(device))
+    out_dtype = pipe.precision.dtype
+    prompt_embeds = prompt_embeds.to(pipe.device, out_dtype).repeat_interleave(num_images, dim=0)
+    pooled = pooled.to(pipe.device, out_dtype).repeat_interleave(num_images, dim=0)
+    check_finite(prompt_embeds, "T5 text encoding", pipe.precision)
+    check_finite(pooled, "CLIP text encoding", pipe.precision)
+    txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=pipe.device, dtype=out_dtype)
+    return prompt_embeds, pooled, txt_ids
+
+
+class FluxFamily(Family):
+    name = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    default_steps = 28  # the directory's defaults (loading.run_defaults) hold schnell's 4
+    default_guidance = 3.5
+    backends = ("torch",)  # export / onnxruntime / triton / TensorRT for FLUX.1: not yet
+    places_text_encoders = True  # honours Pipeline(text_encoder_device=...)
+
+    def owns(self, config):
+        from ldm_rt.families.flux.config import FluxModelConfig
+
+        return isinstance(config, FluxModelConfig)
+
+    def load(self, root, index):
+        from ldm_rt.families.flux.loading import load_flux_dir
+
+        return load_flux_dir(root, index, self.name)
+
+    def save(self, components, root, dtype=torch.float32):
+        from ldm_rt.families.flux.loading import save_flux_dir
+
+        return save_flux_dir(components, root, dtype)
+
+    def presets(self):
+        from ldm_rt.families.flux.loading import _presets
+
+        return _presets()
+
+    def random_components(self, config, seed=0):
+        from ldm_rt.families.flux.loading import random_flux_components
+
+        return random_flux_components(config, seed, self.name)
+
+    # -- sizes and layout
+
+    def default_size(self, config):
+        from ldm_rt.families.flux.loading import DEFAULT_SAMPLE_SIZE
+
+        return DEFAULT_SAMPLE_SIZE * config.vae.scale_factor
+
+    def latent_shape(self, config, batch, height, width):
+        multiple = 2 * config.vae.scale_factor  # VAE factor x the 2x2 packing
+        for name, value in (("height", height), ("width", width)):
+            if value < multiple or value % multiple:
+                raise InputError(f"{name} {value} must be a positive multiple of {multiple} for this FLUX.1 model "
+                                 f"(VAE factor {config.vae.scale_factor} x 2x2 latent packing).")
+        return (batch, config.transformer.in_channels // 4, height // config.vae.scale_factor,
+                width // config.vae.scale_factor)
+
+    def pack(self, config, noise):
+        from ldm_rt.families.flux.sampling import pack_latents
+
+        b, _, h, w = noise.shape
+        return pack_latents(noise).reshape(b, h // 2, w // 2, -1)  # (B, h/2, w/2, 64)
+
+    def unpack(self, config, latents, height, width):
+        from ldm_rt.families.flux.sampling import unpack_latents
+
+        b, gh, gw, c = latents.shape
+        return unpack_latents(latents.reshape(b, gh * gw, c), 2 * gh, 2 * gw)
+
+    def image_seq_len(self, config, latents):
+        return latents.shape[1] * latents.shape[2]
+
+    def scheduler(self, scheduler_config, steps, image_seq_len):
+        from ldm_rt.families.flux.sampling import flux_scheduler
+        from ldm_rt.schedulers import scheduler_from_config
+
+        scheduler_from_config(scheduler_config, steps, image_seq_len)  # the generic checks (class, steps)
+        return flux_scheduler(scheduler_config, steps, image_seq_len)
+
+    def check_size(self, config, batch, height, width, guidance, device):
+        """The generic limits (`ldm_rt.limits`) with FLUX.1's sizes: 16x the default side, and the
+        single-stream block's activations (x, q/k/v, the 4x MLP, their concatenation: ~14 x inner_dim
+        per token) or the VAE decoder's maps against the free memory."""
+        from ldm_rt import limits
+
+        default = self.default_size(config)
+        for name, value in (("height", height), ("width", width)):
+            if value > limits.MAX_SIDE_FACTOR * default:
+                raise InputError(f"{name} {value} is larger than this model takes: at most "
+                                 f"{limits.MAX_SIDE_FACTOR * default} pixels, {limits.MAX_SIDE_FACTOR}x its default "
+                                 f"side of {default}; ask for a smaller size.")
+        free = limits.available_memory(device)
+        if free is None:
+            return
+        f = config.vae.scale_factor
+        tokens = (height // (2 * f)) * (width // (2 * f)) + 512
+        need = {"transformer": batch * tokens * config.transformer.inner_dim * 14 * limits.FP32_BYTES,
+                "VAE decoder": limits.VAE_MAPS_ALIVE * batch * config.vae.block_out_channels[0] * height * width
+                * limits.FP32_BYTES}
+        stage, size = max(need.items(), key=lambda kv: kv[1])
+        if size > free:
+            raise InputError(f"{batch} image(s) of {height}x{width} would need about {size / 2**30:.1f} GiB for the "
+                             f"{stage}, more than the {free / 2**30:.1f} GiB free on {device}; ask for fewer images "
+                             "or a smaller size.")
+
+    # -- sampling
+
+    def prepare(self, pipe, prompts, negative_prompt, num_images, options):
+        unknown = sorted(set(options) - {"true_cfg_scale"})
+        if unknown:
+            raise InputError(f"{', '.join(unknown)} does not apply to a FLUX.1 model.")
+        scale = float(options.get("true_cfg_scale", 1.0))
+        if not math.isfinite(scale) or scale < 0:
+            raise InputError(f"true_cfg_scale must be a finite number >= 0, got {scale}.")
+        negatives = None
+        if negative_prompt is not None:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
+                raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts.")
+        if scale > 1 and negatives is None:
+            warnings.warn(f"true_cfg_scale {scale} needs a negative prompt; without one no true CFG runs "
+                          "(as in diffusers' FluxPipeline).", stacklevel=4)
+        elif negatives is not None and scale <= 1:
+            warnings.warn("the negative prompt is ignored: FLUX.1 uses one only with true CFG, true_cfg_scale > 1 "
+                          "(--true-cfg-scale).", stacklevel=4)
+            negatives = None
+        return FluxRequest(list(prompts), negatives if scale > 1 else None, num_images, scale)
+
+    def encode(self, pipe, request: FluxRequest, guidance):
+        if not pipe.config.transformer.guidance_embeds and guidance != 0:
+            warnings.warn(f"guidance {guidance} is ignored: this FLUX.1 model has no guidance embedder "
+                          "(schnell-like); pass guidance 0 to silence this.", stacklevel=4)
+        texts = request.prompts if request.negatives is None else request.negatives + request.prompts
+        embeds, pooled, txt_ids = encode_prompt(pipe, texts, request.num_images)
+        return embeds, pooled, txt_ids
+
+    def step(self, pipe, scheduler, guidance, options):
+        static = dict(guidance_embeds=pipe.config.transformer.guidance_embeds,
+                      true_cfg_scale=float(options.get("true_cfg_scale", 1.0)), dtype=pipe.precision.dtype)
+        fn = functools.partial(flux_step, pipe.transformer, scheduler.update, **static)
+        return StepFunction("flux", fn, static, batch_factor=1)  # a CFG batch is doubled inside, from the shapes
+
+    def pipeline_methods(self, pipe):
+        return {"encode_prompt": functools.partial(encode_prompt, pipe)}
+
+    # -- export
+
+    def export_specs(self, config):
+        try:
+            from ldm_rt.families.flux.specs import export_specs
+        except ImportError:
+            raise ConfigError("export of FLUX.1 models is not available yet; run them on backend torch.") from None
+        return export_specs(config)
+
+
+FAMILY = FluxFamily()
