@@ -30,7 +30,7 @@ _IGNORED = {
     "initializer_factor", "n_positions", "output_past", "tie_word_embeddings", "use_cache", "model_type",
     "architectures", "torch_dtype", "dtype", "transformers_version", "is_encoder_decoder", "is_gated_act",
     "classifier_dropout", "task_specific_params", "_name_or_path", "gradient_checkpointing", "return_dict",
-    "output_hidden_states", "output_attentions", "use_return_dict", "is_decoder",
+    "output_hidden_states", "output_attentions", "use_return_dict", "is_decoder", "scale_decoder_outputs",
 }
 _ACTS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 

@@ -128,23 +128,24 @@ def _stored_dtype(folder: Path, component: str, name: str) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _streamed(factory, folder: Path, component: str, name: str) -> nn.Module:
-    """`factory()` filled from its safetensors files in their own dtype, without an fp32 copy."""
+def _streamed(factory, folder: Path, component: str, name: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """`factory()` filled from its (sharded) safetensors files, in `dtype` (None: the files' own dtype),
+    without an fp32 copy."""
     from ldm_rt.weights import empty_module, load_streaming
 
-    module = empty_module(factory, _stored_dtype(folder, component, name))
+    module = empty_module(factory, dtype or _stored_dtype(folder, component, name))
     load_streaming(module, folder, component, name)
     return module.eval().requires_grad_(False)
 
 
 def load_flux_dir(root: Path, index: dict[str, Any], family: str) -> FluxComponents:
     from ldm_rt.families.flux.transformer import FluxConfig, FluxTransformer2DModel
-    from ldm_rt.model_dir import component_dir, load_module
+    from ldm_rt.model_dir import component_dir
     from ldm_rt.models.t5 import T5Config, T5EncoderModel, T5Tokenizer
     from ldm_rt.models.text_encoder import CLIPTextModel, load_text_encoder
     from ldm_rt.models.vae import AutoencoderKL
     from ldm_rt.tokenizer import CLIPTokenizer
-    from ldm_rt.weights import read_safetensors
+    from ldm_rt.weights import read_safetensors, weight_files
 
     dirs = {name: component_dir(root, name) for name in
             ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")}
@@ -172,9 +173,10 @@ def load_flux_dir(root: Path, index: dict[str, Any], family: str) -> FluxCompone
     text_encoder_2 = _streamed(lambda: T5EncoderModel(config.text_encoder_2), dirs["text_encoder_2"],
                                "text_encoder_2", TRANSFORMERS_WEIGHTS)
     text_encoder = CLIPTextModel(te)
-    load_text_encoder(text_encoder, read_safetensors(dirs["text_encoder"] / "model.safetensors", "text_encoder"))
+    clip_files = sorted(set(weight_files(dirs["text_encoder"], "text_encoder", TRANSFORMERS_WEIGHTS).values()))
+    load_text_encoder(text_encoder, {k: v for path in clip_files for k, v in read_safetensors(path, "text_encoder").items()})
     text_encoder.eval().requires_grad_(False)
-    vae = load_module(AutoencoderKL(config.vae), dirs["vae"], "vae")
+    vae = _streamed(lambda: AutoencoderKL(config.vae), dirs["vae"], "vae", DIFFUSERS_WEIGHTS, torch.float32)
     return FluxComponents(text_encoder, tokenizer, transformer, vae, dict(config.scheduler), defaults, family=family,
                           text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 

@@ -1,0 +1,274 @@
+"""The FLUX.1 family end to end: directories diffusers writes load and draw diffusers' images;
+directories we write load in diffusers; `init-model` + `run`; one error line per broken input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import invoke
+from ldm_rt import families
+from ldm_rt.families.flux.config import FLUX_SCHEDULER_DEV, FLUX_SCHEDULER_SCHNELL
+from ldm_rt.model_dir import init_model, load_model_dir, random_components, save_model_dir
+from ldm_rt.pipeline import Pipeline
+
+FLUX = families.get("flux")
+TINY = FLUX.presets()["flux-tiny"]
+# Odd shapes the tests choose: 3 heads of 12 (rope 4/4/4), 2 double + 1 single block, T5 of 3 layers.
+_TR = dataclasses.replace(TINY.transformer, num_layers=2, num_single_layers=1, attention_head_dim=12,
+                          num_attention_heads=3, axes_dims_rope=(4, 4, 4), joint_attention_dim=24)
+_T5 = dataclasses.replace(TINY.text_encoder_2, d_model=24, d_kv=6, d_ff=40, num_layers=3, num_heads=4)
+DEV_LIKE = dataclasses.replace(TINY, transformer=dataclasses.replace(_TR, guidance_embeds=True), text_encoder_2=_T5,
+                               scheduler=dict(FLUX_SCHEDULER_DEV))
+SCHNELL_LIKE = dataclasses.replace(TINY, transformer=dataclasses.replace(_TR, guidance_embeds=False),
+                                   text_encoder_2=_T5, scheduler=dict(FLUX_SCHEDULER_SCHNELL))
+PROMPT = "a photo of a red fox in the snow"
+
+
+def psnr(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = ((a - b) ** 2).mean()
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def diffusers_pipeline(components, tmp_path):
+    """diffusers' FluxPipeline holding the same weights and tokenizer files as `components`."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    config = components.config
+    transformer = diffusers.FluxTransformer2DModel(
+        **{k: v for k, v in config.transformer.to_dict().items() if not k.startswith("_")})
+    transformer.load_state_dict(components.transformer.state_dict())
+    te_config = {k: v for k, v in config.text_encoder.to_dict().items() if k not in ("architectures", "model_type")}
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**te_config))
+    text_encoder.load_state_dict({k.removeprefix("text_model."): v for k, v in components.text_encoder.state_dict().items()})
+    text_encoder_2 = transformers.T5EncoderModel(transformers.T5Config(**config.text_encoder_2.to_dict()))
+    text_encoder_2.load_state_dict(components.text_encoder_2.state_dict())
+    vae = diffusers.AutoencoderKL(**{k: v for k, v in config.vae.to_dict().items() if not k.startswith("_")})
+    vae.load_state_dict(components.vae.state_dict())
+    components.tokenizer.save(tmp_path / "clip_tok")
+    components.tokenizer_2.save(tmp_path / "t5_tok")
+    return diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(config.scheduler), vae=vae.eval(),
+        text_encoder=text_encoder.eval(), tokenizer=transformers.CLIPTokenizer.from_pretrained(tmp_path / "clip_tok"),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=transformers.T5TokenizerFast.from_pretrained(tmp_path / "t5_tok"), transformer=transformer.eval(),
+    )
+
+
+def diffusers_images(pipe, steps, seed, height, width, guidance, max_sequence_length, **kwargs):
+    with torch.no_grad():
+        return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                    generator=torch.Generator("cpu").manual_seed(seed), max_sequence_length=max_sequence_length,
+                    output_type="pil", **kwargs).images
+
+
+CASES = {
+    # schnell-like: no guidance embedder, no dynamic shift, 256 T5 tokens, its 4 steps
+    "schnell": (SCHNELL_LIKE, dict(steps=4, guidance=0.0, max_sequence_length=256)),
+    # dev-like: guidance embedder, dynamic shift (mu from the 3 x 5 = 15 tokens), 512 T5 tokens
+    "dev": (DEV_LIKE, dict(steps=5, guidance=3.5, max_sequence_length=512)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_directory_saved_by_diffusers_draws_diffusers_images(case, tmp_path):
+    """FluxPipeline.save_pretrained (sharded transformer and T5, so the index is read) -> our
+    Pipeline.from_pretrained -> the same 8-bit image as diffusers' own call, prompt, seed, steps, size."""
+    config, run = CASES[case]
+    ours_then = random_components(config, seed=4)
+    pipe = diffusers_pipeline(ours_then, tmp_path)
+    root = tmp_path / "flux"
+    pipe.save_pretrained(root, max_shard_size="60KB")
+    assert len(list((root / "transformer").glob("*.safetensors"))) > 1  # sharded, as the hub checkpoints
+    assert (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert (root / "text_encoder_2" / "model.safetensors.index.json").is_file()
+
+    h, w, seed = 48, 80, 11
+    expected = diffusers_images(pipe, run["steps"], seed, h, w, run["guidance"], run["max_sequence_length"])[0]
+    ours = Pipeline.from_pretrained(root, device="cpu", dtype="fp32")
+    expected_defaults = {"schnell": (4, 0.0, 256), "dev": (28, 3.5, 512)}[case]  # FluxPipeline's model cards
+    assert tuple(ours.defaults[k] for k in ("steps", "guidance", "max_sequence_length")) == expected_defaults
+    result = ours.generate(PROMPT, steps=run["steps"], guidance=run["guidance"], seed=seed, height=h, width=w)
+    got = result.images[0]
+    assert got.size == expected.size == (w, h)
+    assert np.asarray(expected).std() > 5  # an image, not a constant
+    value = psnr(got, expected)
+    print(f"flux {case}: PSNR {value:.1f} dB vs diffusers FluxPipeline")
+    assert value >= 50
+
+
+def test_true_cfg_matches_diffusers(tmp_path):
+    """A negative prompt with true_cfg_scale > 1: diffusers' two transformer calls, ours one batched call."""
+    components = random_components(DEV_LIKE, seed=5)
+    pipe = diffusers_pipeline(components, tmp_path)
+    root = tmp_path / "flux"
+    pipe.save_pretrained(root)
+    expected = diffusers_images(pipe, 3, 2, 32, 48, 2.5, 512, negative_prompt="blurry, dark", true_cfg_scale=3.0)[0]
+    ours = Pipeline.from_pretrained(root, device="cpu", dtype="fp32")
+    got = ours.generate(PROMPT, negative_prompt="blurry, dark", true_cfg_scale=3.0, steps=3, guidance=2.5, seed=2,
+                        height=32, width=48).images[0]
+    plain = ours.generate(PROMPT, steps=3, guidance=2.5, seed=2, height=32, width=48).images[0]
+    value = psnr(got, expected)
+    print(f"flux true CFG: PSNR {value:.1f} dB vs diffusers FluxPipeline")
+    assert value >= 50
+    assert psnr(plain, got) < 40  # the negative half really steers
+
+
+def test_our_directory_loads_in_diffusers(tmp_path):
+    """`init-model`'s layout is diffusers' FluxPipeline layout: diffusers loads it and draws our image."""
+    diffusers = pytest.importorskip("diffusers")
+    root = save_model_dir(random_components(SCHNELL_LIKE, seed=6), tmp_path / "ours")
+    index = json.loads((root / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline" and index["tokenizer_2"] == ["transformers", "T5TokenizerFast"]
+    theirs = diffusers.FluxPipeline.from_pretrained(root)
+    expected = diffusers_images(theirs, 2, 3, 32, 32, 0.0, 256)[0]
+    got = Pipeline.from_pretrained(root, device="cpu").generate(PROMPT, steps=2, seed=3, height=32, width=32).images[0]
+    assert psnr(got, expected) >= 50
+
+
+def test_save_load_round_trip_every_weight_nonzero(tmp_path):
+    components = random_components(DEV_LIKE, seed=7)
+    for name, module in components.modules().items():
+        for key, p in module.named_parameters():
+            assert (p != 0).any(), f"{name}.{key} is all zero"
+    loaded = load_model_dir(save_model_dir(components, tmp_path / "m"))
+    assert loaded.config == components.config and loaded.family == "flux"
+    for name, module in components.modules().items():
+        theirs = loaded.modules()[name].state_dict()
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, theirs[key]), f"{name}.{key}"
+    ids = components.tokenizer_2([PROMPT, "zebra"])
+    assert torch.equal(loaded.tokenizer_2([PROMPT, "zebra"]), ids) and ids.shape == (2, 512)
+
+
+def test_bf16_directory_streams_into_bf16_modules(tmp_path):
+    """A bf16 checkpoint (as the hub's) loads the transformer and T5 in bf16, with no fp32 copy;
+    an fp32 pipeline then runs them upcast, the same values."""
+    components = random_components(DEV_LIKE, seed=8)
+    root = save_model_dir(components, tmp_path / "bf16", dtype=torch.bfloat16)
+    loaded = load_model_dir(root)
+    assert next(loaded.transformer.parameters()).dtype == torch.bfloat16
+    assert loaded.text_encoder_2.shared.weight.dtype == torch.bfloat16
+    key = "single_transformer_blocks.0.proj_out.weight"
+    assert torch.equal(loaded.transformer.state_dict()[key], components.transformer.state_dict()[key].bfloat16())
+    image = Pipeline.from_pretrained(root, device="cpu", dtype="fp32").generate(PROMPT, steps=1, height=16, width=16)
+    assert image.images[0].size == (16, 16)
+
+
+def test_init_model_flux_tiny_then_run_writes_a_png(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "flux-tiny"
+    result = invoke("init-model", root, "--preset", "flux-tiny")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "fox.png"
+    result = invoke("run", "--model-dir", root, "--prompt", PROMPT, "--steps", 2, "--height", 32, "--width", 48,
+                    "--seed", 5, "--out", out, "--text-encoder-device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (48, 32)
+    again = tmp_path / "again.png"
+    invoke("run", "--model-dir", root, "--prompt", PROMPT, "--steps", 2, "--height", 32, "--width", 48, "--seed", 5,
+           "--out", again)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))  # te device: same image
+
+
+def test_guidance_on_schnell_warns_once_and_changes_nothing(tmp_path):
+    root = save_model_dir(random_components(SCHNELL_LIKE, seed=9), tmp_path / "s")
+    pipe = Pipeline.from_pretrained(root, device="cpu")
+    assert (pipe.defaults["steps"], pipe.defaults["guidance"]) == (4, 0.0)
+    with pytest.warns(UserWarning, match="no guidance embedder") as caught:
+        a = pipe.generate(PROMPT, steps=2, guidance=7.0, seed=1, height=16, width=32).images[0]
+    assert len([w for w in caught if "guidance" in str(w.message)]) == 1
+    b = pipe.generate(PROMPT, steps=2, seed=1, height=16, width=32).images[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    return init_model(tmp_path_factory.mktemp("flux") / "tiny", "flux-tiny", seed=3)
+
+
+def _broken(flux_dir, tmp_path, edit):
+    root = shutil.copytree(flux_dir, tmp_path / "broken")
+    edit(root)
+    return root
+
+
+def _shard_index(root):
+    return root / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _missing_shard(root):
+    index = json.loads(_shard_index(root).read_text())
+    for name in set(index["weight_map"].values()):
+        (root / "transformer" / name).unlink()
+
+
+def _index_names_missing_file(root):
+    index = json.loads(_shard_index(root).read_text())
+    key = sorted(index["weight_map"])[0]
+    index["weight_map"][key] = "diffusion_pytorch_model-00009-of-00009.safetensors"
+    _shard_index(root).write_text(json.dumps(index))
+
+
+def _truncated_shard(root):
+    shard = next((root / "text_encoder_2").glob("model-*.safetensors"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+
+
+BROKEN = {
+    "missing shard": (_missing_shard, "missing"),
+    "index names a missing file": (_index_names_missing_file, "00009-of-00009"),
+    "truncated shard": (_truncated_shard, "truncated"),
+    "no tokenizer_2": (lambda root: shutil.rmtree(root / "tokenizer_2"), "tokenizer_2"),
+    "no tokenizer_2/tokenizer.json": (lambda root: (root / "tokenizer_2" / "tokenizer.json").unlink(), "tokenizer.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_directory_is_one_error_line(case, flux_dir, tmp_path):
+    edit, words = BROKEN[case]
+    root = _broken(flux_dir, tmp_path, edit)
+    result = invoke("run", "--model-dir", root, "--prompt", "a fox", "--steps", 1, "--height", 16, "--width", 16,
+                    "--out", tmp_path / "x.png")
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert words in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args,words", [
+    (("--height", 40), "multiple of 16"),
+    (("--width", 8), "multiple of 16"),
+    (("--backend", "onnxruntime"), "backend torch"),
+    (("--true-cfg-scale", "nan"), "true_cfg_scale"),
+    (("--guidance-channels", 3), "does not apply to a FLUX.1 model"),
+])
+def test_bad_request_is_one_error_line(args, words, flux_dir, tmp_path):
+    base = {"--height": 16, "--width": 16}
+    base.update(dict(zip(args[::2], args[1::2])))
+    flat = [str(x) for kv in base.items() for x in kv]
+    result = invoke("run", "--model-dir", flux_dir, "--prompt", "a fox", "--steps", 1, "--out", tmp_path / "x.png",
+                    *flat)
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert words in lines[0], lines[0]
+
+
+def test_export_is_a_clear_not_yet(flux_dir):
+    from ldm_rt.errors import ConfigError
+
+    try:
+        import ldm_rt.families.flux.specs  # noqa: F401  (another branch adds it)
+    except ImportError:
+        with pytest.raises(ConfigError, match="not available yet"):
+            FLUX.export_specs(load_model_dir(flux_dir).config)
+    else:
+        pytest.skip("the Flux export specs exist on this branch")
+
