@@ -43,31 +43,28 @@ scheduler's update is bound into `fn`. Latents stay fp32 between steps.
 torch.Generator("cpu").manual_seed(seed))` in fp32 on the CPU, as diffusers does, then
 `pack`s it. So a family that samples like a diffusers pipeline gets the same noise.
 
-## What a Flux family would implement (`ldm_rt/families/flux/`)
+## What the Flux family implements (`ldm_rt/families/flux/`)
 
 - `pipeline_classes = ("FluxPipeline",)`; `load` reads `transformer/` and `text_encoder_2/` as
-  sharded safetensors (`*.safetensors.index.json`, streamed into the target dtype),
-  `text_encoder/` + `tokenizer/` (CLIP: pooled output only), `tokenizer_2/` (T5, tokenizer.json);
-  it returns a `Components` subclass with `text_encoder_2` and `tokenizer_2` fields and a config
-  type of its own (`owns` tests `isinstance(config, FluxModelConfig)`).
-- `prepare`: T5 `max_sequence_length` from the defaults (256 schnell, 512 dev); a warning that
-  `guidance` is ignored when the transformer has no guidance embedder (schnell).
-- `encode`: CLIP pooled (B, 768) + T5 states (B, 256|512, 4096) + `txt_ids` zeros (B, L, 3);
-  no unconditional half unless true CFG (`true_cfg_scale` with a negative prompt) is asked.
-- `latent_shape`: (B, 16, 2*ceil(H/16), 2*ceil(W/16)) with a size check of multiples of 16;
-  `pack`: (B, 16, h, w) -> (B, h/2 * w/2, 64) (diffusers' `_pack_latents`) and the `img_ids`
-  grid it needs goes into the conditioning; `unpack` the inverse, before the VAE (whose
-  `shift_factor` `Pipeline.decode` already applies).
-- `image_seq_len`: `latents.shape[1]` (the packed token count), so the scheduler computes the
-  dynamic shift `mu` from it (`schedulers.calculate_shift`, already wired to `image_seq_len`).
-- `step`: `flux_step(transformer, update, latents, t, coefficients, guidance, txt, txt_ids, img_ids,
-  pooled)` with the guidance tensor fed to the guidance embedder (dev) instead of a CFG batch:
-  `batch_factor = 1`; timesteps passed as sigmas (x1000 inside the transformer, as diffusers).
-- `default_steps` 4 (schnell) / 28 (dev) through the directory defaults, guidance 3.5, size 1024.
-- `export_specs`: transformer with a dynamic token axis (`hidden_states` (B, "tokens", 64)),
-  `text_encoder` (CLIP), `text_encoder_2` (T5, fixed length), `vae_decoder`; external data > 2 GB.
-- `presets`: flux-tiny, flux-schnell, flux-dev; `random_components` and `save` write the
-  diffusers FluxPipeline layout.
+  sharded safetensors (`*.safetensors.index.json`, streamed in the files' dtype), `text_encoder/`
+  + `tokenizer/` (CLIP: pooled output only), `tokenizer_2/` (T5, tokenizer.json); it returns
+  `FluxComponents` (`text_encoder_2`, `tokenizer_2` fields) whose config is a `FluxModelConfig`
+  (`owns` tests `isinstance(config, FluxModelConfig)`).
+- `prepare`: true CFG only with a negative prompt and `true_cfg_scale` > 1; `encode` warns that
+  `guidance` is ignored when the transformer has no guidance embedder (schnell), and returns
+  T5 states (B, 256|512, 4096) + CLIP pooled (B, 768) + `txt_ids` zeros (L, 3), [negative; prompt]
+  with true CFG. The text encoders run from `pipe.components` on `pipe.text_encoder_device`.
+- `latent_shape`: (B, 16, H/8, W/8) with sizes multiples of 16; `pack`: diffusers'
+  `_pack_latents` kept as a token grid (B, h/2, w/2, 64), so the step derives the `img_ids` from
+  the shape (the conditioning is encoded before the size is known); `unpack` the inverse.
+- `image_seq_len`: (h/2)(w/2) tokens; `scheduler`: FlowMatchEuler with FluxPipeline's sigmas
+  (linspace(1, 1/steps)) and dynamic shift `mu` from the token count.
+- `step`: `flux_step(transformer, update, latents, t, coefficients, guidance, txt, pooled, txt_ids)`,
+  guidance fed to the guidance embedder (dev) instead of a CFG batch; `batch_factor = 1` (a true
+  CFG batch is doubled inside, from the conditioning's batch).
+- Defaults from the directory (`loading.run_defaults`): 4 steps / 256 tokens (schnell), 28 / 3.5 /
+  512 (dev), size 1024; `backends = ("torch",)` until `export_specs` (another branch) lands.
+
 Not yet generic (the Flux work extends them): the backends wrap `text_encoder`, `transformer`
 and `vae` (`backends.Runtime`), so the Flux family's T5 runs from `pipe.components` (eager, on
 the device the family puts it) until the Runtime holds one callable per export spec; parity's
