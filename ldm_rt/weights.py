@@ -6,6 +6,7 @@ component, the keys and the shapes (as nanoGPT's `from_pretrained` asserts every
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -154,10 +155,27 @@ def safetensors_header(path: Path, component: str) -> dict[str, tuple[torch.dtyp
     return out
 
 
+@contextlib.contextmanager
+def _skip_init():
+    """`torch.nn.init`'s in-place fills as no-ops (the values are overwritten by the load). On the
+    meta device they would run through torch._refs, whose first call imports torch._dynamo and
+    with it triton: `ldm-rt run` on the torch backend must not import triton
+    (tests/test_flux_family.py). transformers' `no_init_weights` does the same."""
+    init = torch.nn.init
+    saved = {n: getattr(init, n) for n in dir(init) if n.endswith("_") and not n.startswith("_")}
+    try:
+        for name in saved:
+            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
 def empty_module(factory, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
     """Build `factory()` with uninitialised parameters of `dtype` on `device`, without ever
     allocating an fp32 copy (built on the meta device, cast there, then materialised)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         module = factory()
     return module.to(dtype).to_empty(device=device)
 

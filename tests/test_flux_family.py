@@ -272,3 +272,25 @@ def test_export_is_a_clear_not_yet(flux_dir):
     else:
         pytest.skip("the Flux export specs exist on this branch")
 
+
+
+def test_run_on_a_flux_dir_imports_nothing_heavy(flux_dir, tmp_path):
+    """`ldm-rt run` on the torch backend imports none of transformers, diffusers, onnx, triton."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, json
+from ldm_rt.cli import main
+try:
+    main(["run", "--model-dir", {str(flux_dir)!r}, "--prompt", "x", "--steps", "1", "--height", "16", "--width", "16",
+          "--out", {str(tmp_path / "a.png")!r}])
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+heavy = ["triton", "onnx", "onnxruntime", "tensorrt", "transformers", "diffusers", "ldm_rt.kernels", "ldm_rt.export"]
+print(json.dumps([m for m in heavy if m in sys.modules]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert (tmp_path / "a.png").is_file()
