@@ -168,19 +168,22 @@ def parse_dtypes(text: str | None, device: torch.device) -> tuple[str, ...]:
 
 
 def parse_resolutions(text: str | None, config) -> tuple[int, ...]:
-    """Image sides in pixels; each a positive multiple of VAE factor x patch size."""
-    multiple = config.vae.scale_factor * config.transformer.patch_size
+    """Image sides in pixels; each a size the model's family takes (`Family.latent_shape`)."""
+    from ldm_rt import families
+
+    family = families.for_config(config)
     if text is None:
-        return (config.transformer.sample_size * config.vae.scale_factor,)
+        return (family.default_size(config),)
     out = []
     for item in parse_list(text, "--resolutions"):
         try:
             px = int(item)
         except ValueError:
             raise InputError(f"--resolutions {item!r} is not a whole number of pixels.") from None
-        if px < multiple or px % multiple:
-            raise InputError(f"--resolutions {px} must be a positive multiple of {multiple} "
-                             f"(VAE factor {config.vae.scale_factor} x patch size {config.transformer.patch_size}).")
+        try:
+            family.latent_shape(config, 1, px, px)
+        except InputError as exc:
+            raise InputError(f"--resolutions {px}: {str(exc).replace('height ', 'side ', 1)}") from None
         out.append(px)
     return tuple(dict.fromkeys(out))
 
@@ -372,15 +375,12 @@ NO_TEXT_ENCODER = "class-conditional model: no text encoder (class labels index 
 @torch.no_grad()
 def stage_calls(pipe, px: int, settings: BenchSettings) -> dict[str, Callable[[], object] | str]:
     """stage -> a zero-argument call, or the reason the stage does not apply."""
-    from ldm_rt.schedulers import scheduler_from_config
-
     b, device, family = settings.batch, pipe.device, pipe.family
     g = torch.Generator("cpu").manual_seed(settings.seed)
     noise = torch.randn(pipe.latent_shape(b, px, px), generator=g).to(device)  # (B, C, h, w) fp32
     latents = family.pack(pipe.config, noise)  # the transformer's layout
     # denoise_step: step 0 of the pipeline's loop, through the backend's run_step (a CUDA graph on triton)
-    scheduler = scheduler_from_config(pipe.scheduler, settings.steps,
-                                      image_seq_len=family.image_seq_len(pipe.config, latents))
+    scheduler = family.scheduler(pipe.scheduler, settings.steps, family.image_seq_len(pipe.config, latents))
     calls: dict[str, Callable[[], object] | str] = {}
     vocabulary = pipe.defaults.get("vocabulary")
     prompts = family.sample_prompts(pipe.config, b)
@@ -531,18 +531,17 @@ def run_bench(components, settings: BenchSettings, device: torch.device, progres
 def model_summary(components, description: str) -> dict[str, Any]:
     c = components.config
     dit = c.transformer
+    shape_keys = ("depth", "hidden_size", "num_heads", "num_layers", "num_single_layers", "num_attention_heads",
+                  "attention_head_dim", "patch_size", "in_channels")  # DiT's, then FLUX.1's
     return {
-        "source": description, "class_conditional": dit.class_conditional,
-        "dit": {"depth": dit.depth, "hidden_size": dit.hidden_size, "num_heads": dit.num_heads,
-                "patch_size": dit.patch_size, "in_channels": dit.in_channels},
+        "source": description, "class_conditional": getattr(dit, "class_conditional", False),
+        "dit": {k: getattr(dit, k) for k in shape_keys if hasattr(dit, k)},
         "text_encoder": None if c.text_encoder is None else {"hidden_size": c.text_encoder.hidden_size,
                                                              "layers": c.text_encoder.num_hidden_layers},
         "vae": {"scale_factor": c.vae.scale_factor, "block_out_channels": list(c.vae.block_out_channels),
                 "force_upcast": c.vae.force_upcast},
         "parameters_millions": {name: sum(p.numel() for p in m.parameters()) / 1e6
-                                for name, m in (("text_encoder", components.text_encoder),
-                                                ("transformer", components.transformer), ("vae", components.vae))
-                                if m is not None},
+                                for name, m in components.modules().items()},
     }
 
 

@@ -294,3 +294,17 @@ print(json.dumps([m for m in heavy if m in sys.modules]))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
     assert (tmp_path / "a.png").is_file()
+
+
+def test_bench_runs_a_flux_preset_with_the_diffusers_baseline(tmp_path):
+    """`ldm-rt bench --preset flux-tiny`: every stage on torch and on diffusers' FluxTransformer2DModel
+    holding the same weights; the export backends are skipped with the family's one sentence."""
+    pytest.importorskip("diffusers")
+    out = tmp_path / "bench"
+    result = invoke("bench", "--preset", "flux-tiny", "--backends", "torch,diffusers,onnxruntime", "--resolutions", 32,
+                    "--steps", 1, "--warmup", 0, "--iters", 1, "--out", out)
+    assert result.exit_code == 0, result.output
+    runs = {r["backend"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert all(runs["torch"]["stages"][s]["median_ms"] > 0 for s in runs["torch"]["stages"])
+    assert runs["diffusers"]["stages"]["denoise_step"]["median_ms"] > 0
+    assert runs["onnxruntime"]["status"] != "ok" and "backend torch" in runs["onnxruntime"]["reason"]

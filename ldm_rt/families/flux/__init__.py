@@ -237,6 +237,11 @@ class FluxFamily(Family):
         fn = functools.partial(flux_step, pipe.transformer, scheduler.update, **static)
         return StepFunction("flux", fn, static, batch_factor=1)  # a CFG batch is doubled inside, from the shapes
 
+    def diffusers_transformer(self, ours, place):
+        from ldm_rt.families.flux.baseline import _DiffusersFlux, diffusers_flux
+
+        return _DiffusersFlux(place(diffusers_flux(ours)))
+
     def pipeline_methods(self, pipe):
         return {"encode_prompt": functools.partial(encode_prompt, pipe)}
 
