@@ -10,10 +10,10 @@ tokenizer_2/         T5: tokenizer.json
 vae/                 AutoencoderKL, 16 latent channels: config.json + diffusion_pytorch_model.safetensors
 scheduler/           scheduler_config.json (FlowMatchEulerDiscreteScheduler)
 ```
-The two big components (transformer ~24 GB, T5-XXL ~9.5 GB in bf16) are streamed tensor by
-tensor into modules built in the files' own dtype (`weights.load_streaming`): the host never
-holds an fp32 copy of them; the backend casts to the pipeline's dtype when it places them.
-CLIP and the VAE are small and load as fp32 reference modules.
+Every component loads into modules built in its files' own dtype (bf16 for the hub checkpoints),
+the two big ones (transformer ~24 GB, T5-XXL ~9.5 GB in bf16) streamed tensor by tensor
+(`weights.load_streaming`): the host never holds an fp32 copy of the model; the backend casts to
+the pipeline's dtype when it places the modules (bf16 -> fp32 is exact).
 """
 
 from __future__ import annotations
@@ -138,14 +138,29 @@ def _streamed(factory, folder: Path, component: str, name: str, dtype: torch.dty
     return module.eval().requires_grad_(False)
 
 
+def _clip(config: TextEncoderConfig, folder: Path) -> nn.Module:
+    """CLIP from text_encoder/ in its files' dtype, streamed, with either key spelling
+    (`models.text_encoder.text_encoder_state_dict_from_file`)."""
+    from ldm_rt.models.text_encoder import _SUBMODULES, PREFIX, CLIPTextModel, load_text_encoder
+    from ldm_rt.weights import empty_module, load_streaming, read_safetensors, weight_files
+
+    module = empty_module(lambda: CLIPTextModel(config), _stored_dtype(folder, "text_encoder", TRANSFORMERS_WEIGHTS))
+    files = weight_files(folder, "text_encoder", TRANSFORMERS_WEIGHTS)
+    if any(k.endswith("embeddings.position_ids") for k in files):  # transformers < 4.31 stored this buffer
+        load_text_encoder(module, {k: v for path in sorted(set(files.values()))
+                                   for k, v in read_safetensors(path, "text_encoder").items()})
+    else:
+        load_streaming(module, folder, "text_encoder", TRANSFORMERS_WEIGHTS,
+                       key_map=lambda k: PREFIX + k if k.startswith(_SUBMODULES) else k)
+    return module
+
+
 def load_flux_dir(root: Path, index: dict[str, Any], family: str) -> FluxComponents:
     from ldm_rt.families.flux.transformer import FluxConfig, FluxTransformer2DModel
     from ldm_rt.model_dir import component_dir
     from ldm_rt.models.t5 import T5Config, T5EncoderModel, T5Tokenizer
-    from ldm_rt.models.text_encoder import CLIPTextModel, load_text_encoder
     from ldm_rt.models.vae import AutoencoderKL
     from ldm_rt.tokenizer import CLIPTokenizer
-    from ldm_rt.weights import read_safetensors, weight_files
 
     dirs = {name: component_dir(root, name) for name in
             ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")}
@@ -172,11 +187,9 @@ def load_flux_dir(root: Path, index: dict[str, Any], family: str) -> FluxCompone
                             DIFFUSERS_WEIGHTS)
     text_encoder_2 = _streamed(lambda: T5EncoderModel(config.text_encoder_2), dirs["text_encoder_2"],
                                "text_encoder_2", TRANSFORMERS_WEIGHTS)
-    text_encoder = CLIPTextModel(te)
-    clip_files = sorted(set(weight_files(dirs["text_encoder"], "text_encoder", TRANSFORMERS_WEIGHTS).values()))
-    load_text_encoder(text_encoder, {k: v for path in clip_files for k, v in read_safetensors(path, "text_encoder").items()})
+    text_encoder = _clip(te, dirs["text_encoder"])
     text_encoder.eval().requires_grad_(False)
-    vae = _streamed(lambda: AutoencoderKL(config.vae), dirs["vae"], "vae", DIFFUSERS_WEIGHTS, torch.float32)
+    vae = _streamed(lambda: AutoencoderKL(config.vae), dirs["vae"], "vae", DIFFUSERS_WEIGHTS)
     return FluxComponents(text_encoder, tokenizer, transformer, vae, dict(config.scheduler), defaults, family=family,
                           text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
