@@ -308,3 +308,15 @@ def test_bench_runs_a_flux_preset_with_the_diffusers_baseline(tmp_path):
     assert all(runs["torch"]["stages"][s]["median_ms"] > 0 for s in runs["torch"]["stages"])
     assert runs["diffusers"]["stages"]["denoise_step"]["median_ms"] > 0
     assert runs["onnxruntime"]["status"] != "ok" and "backend torch" in runs["onnxruntime"]["reason"]
+
+
+def test_other_scheduler_class_is_one_error_line(flux_dir, tmp_path):
+    def edit(root):
+        path = root / "scheduler" / "scheduler_config.json"
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), _class_name="DDIMScheduler")))
+
+    root = _broken(flux_dir, tmp_path, edit)
+    result = invoke("run", "--model-dir", root, "--prompt", "a fox", "--steps", 1, "--height", 16, "--width", 16,
+                    "--out", tmp_path / "x.png")
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(lines) == 1 and "FlowMatchEulerDiscreteScheduler" in lines[0], result.output

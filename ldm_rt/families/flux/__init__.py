@@ -169,9 +169,13 @@ class FluxFamily(Family):
 
     def scheduler(self, scheduler_config, steps, image_seq_len):
         from ldm_rt.families.flux.sampling import flux_scheduler
-        from ldm_rt.schedulers import scheduler_from_config
 
-        scheduler_from_config(scheduler_config, steps, image_seq_len)  # the generic checks (class, steps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InputError(f"steps must be a positive integer, got {steps!r}.")
+        name = scheduler_config.get("_class_name")
+        if name != "FlowMatchEulerDiscreteScheduler":
+            raise ConfigError(f"scheduler class {name!r} is not supported for FLUX.1; scheduler/scheduler_config.json "
+                              "must name FlowMatchEulerDiscreteScheduler.")
         return flux_scheduler(scheduler_config, steps, image_seq_len)
 
     def check_size(self, config, batch, height, width, guidance, device):
