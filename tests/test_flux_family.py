@@ -320,3 +320,17 @@ def test_other_scheduler_class_is_one_error_line(flux_dir, tmp_path):
                     "--out", tmp_path / "x.png")
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 1 and len(lines) == 1 and "FlowMatchEulerDiscreteScheduler" in lines[0], result.output
+
+
+def test_random_models_t5_tokenizer_matches_t5_tokenizer_fast(tmp_path):
+    """The tokenizer_2/ that init-model writes: transformers' T5TokenizerFast reads the same ids."""
+    transformers = pytest.importorskip("transformers")
+    from ldm_rt.families.flux.loading import char_t5_tokenizer
+
+    ours = char_t5_tokenizer(24)
+    ours.save(tmp_path / "tokenizer_2")
+    ref = transformers.T5TokenizerFast.from_pretrained(tmp_path / "tokenizer_2")
+    texts = ["a photo of a cat", "An  astronaut,  riding a horse!", "", "zebra ÿ 12 ~~", "word " * 10]
+    expected = ref(texts, padding="max_length", max_length=24, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ours(texts), expected)
+    assert (expected[-1] != ref.pad_token_id).all()  # the long text was truncated
