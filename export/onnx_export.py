@@ -344,7 +344,7 @@ def export_model(
         # Image geometry: TensorRT profiles (export/tensorrt.py) turn pixel sizes into latent sizes with it.
         "image": {"vae_scale_factor": parts.config.vae.scale_factor,
                   "patch_size": parts.config.transformer.patch_size,
-                  "sample_size": parts.config.transformer.sample_size},
+                  "sample_size": getattr(parts.config.transformer, "sample_size", None)},  # None: no default side
         "sha256": hashlib.sha256(json.dumps(
             {n: e["sha256"] for n, e in sorted(entries.items())}).encode()).hexdigest(),
         "components": dict(sorted(entries.items())),
