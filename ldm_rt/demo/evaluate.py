@@ -1,13 +1,17 @@
 """Measure what the demo model draws, and draw the README's grid.
 
     python -m ldm_rt.demo.evaluate [--model-dir DIR] [--n-single 54] [--n-two 24]
+    python -m ldm_rt.demo.evaluate --sweep [--model-dir DIR]
     python -m ldm_rt.demo.evaluate --grid ldm_rt/demo/grid.png
 
 Accuracy is scored by the no-learning classifier of `classify.py` on images generated with the
 model's own run defaults (steps, guidance, size: what `ldm-rt run` uses):
 - single-object captions from the held-out (colour, shape) pairings, which the model never saw
   in training: colour, position and shape accuracy;
-- two-object captions: both colours present, each with its centroid in its named cell.
+- two-object captions: both colours present, each with its centroid in its named cell;
+- `--sweep`: all 24 (colour, shape) pairs (held-out ones included) in each of the natural
+  caption forms of issue 19 (`SWEEP_FORMS`: no position, a position after a comma, a trailing
+  full stop, capitals and no article); "all" = every attribute the prompt names is right.
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from ldm_rt.demo.classify import score
-from ldm_rt.demo.shapes import caption, heldout_captions, sample_scenes
+from ldm_rt.demo.shapes import COLOURS, SHAPES, caption, heldout_captions, sample_scenes
+
+# Issue 19's sweep: what a new user types. Every form must parse (shapes.parse_caption).
+SWEEP_FORMS = (
+    "a {colour} {shape}",
+    "a {colour} {shape}, in the center",
+    "a {colour} {shape}, on the left.",
+    "{Colour} {shape} on the right",
+)
 
 # The README grid: held-out pairings (marked *) next to trained ones, every background, both
 # caption forms and two-object scenes.
@@ -77,6 +89,20 @@ def evaluate(pipe, n_single: int = 54, n_two: int = 24, seed: int = 0, progress:
     return result
 
 
+def sweep_prompts(form: str) -> list[str]:
+    """`form` filled with each of the 24 (colour, shape) pairs, in colour, shape order."""
+    return [form.format(colour=c, Colour=c.capitalize(), shape=s) for c in COLOURS for s in SHAPES]
+
+
+def sweep(pipe, forms=SWEEP_FORMS, seed: int = 0, progress: bool = False) -> dict[str, dict]:
+    """form -> `score` of its 24 prompts (two batches of 12, seeds `seed` and `seed + 1`)."""
+    out = {}
+    for form in forms:
+        prompts = sweep_prompts(form)
+        out[form] = score(generate(pipe, prompts, seed, progress=progress), prompts)
+    return out
+
+
 def make_grid(pipe, prompts=GRID_PROMPTS, seed: int = 0, columns: int = 4) -> "Image.Image":
     """The images of `prompts` in a grid, each captioned underneath (wrapped)."""
     import textwrap
@@ -103,6 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-two", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=Path, default=None, help="write the README grid PNG here instead")
+    p.add_argument("--sweep", action="store_true", help="score the 24-pair sweep in each SWEEP_FORMS form instead")
     a = p.parse_args(argv)
 
     from ldm_rt.errors import LdmRtError
@@ -114,6 +141,8 @@ def main(argv=None) -> int:
         if a.grid is not None:
             make_grid(pipe, seed=a.seed).save(a.grid)
             print(f"wrote {a.grid}")
+        elif a.sweep:
+            print(json.dumps(sweep(pipe, seed=a.seed, progress=True), indent=1))
         else:
             print(json.dumps(evaluate(pipe, a.n_single, a.n_two, a.seed, progress=True), indent=1))
     except LdmRtError as exc:
