@@ -180,6 +180,24 @@ def test_normalise_is_what_the_demo_tokenizer_sees():
     assert torch.equal(tok(texts).input_ids, tok([normalise(t) for t in texts]).input_ids)
 
 
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
+def test_spread_measures_the_datasets_jitter_and_size(shape):
+    """evaluate._spread (the seed-diversity measure) reads back the sampler's spread: a jitter
+    uniform in a disc of radius JITTER has centre std JITTER / sqrt(2), a size uniform in
+    SIZE_RANGE has std (hi - lo) / sqrt(12)."""
+    from ldm_rt.demo.evaluate import _spread
+    from ldm_rt.demo.shapes import _sample_object
+
+    rng = np.random.default_rng(3)
+    images = [render(Scene((_sample_object(rng, "red", shape, 4),), "white", "", False), SIZE) for _ in range(300)]
+    got = _spread(images, "white")
+    assert got["n_foreground"] == 300
+    assert got["centre_std"] == pytest.approx(JITTER / np.sqrt(2), rel=0.1), got
+    assert got["size_std"] == pytest.approx((SIZE_RANGE[1] - SIZE_RANGE[0]) / np.sqrt(12), rel=0.1), got
+    same = _spread([images[0]] * 4, "white")
+    assert same["centre_std"] == same["size_std"] == same["pixel_mad"] == 0.0
+
+
 def test_readme_lists_the_vocabulary_and_grammar():
     """The pipeline's unknown-word warning sends users to this README section."""
     from ldm_rt.demo.demo_config import VOCABULARY_DOC
