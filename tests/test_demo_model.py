@@ -96,6 +96,9 @@ def test_ldm_rt_run_without_model_dir_draws_the_prompt(tmp_path):
     [
         ("", None),
         ("a zebra riding a bicycle", "does not know the word(s) bicycle, riding, zebra"),
+        ("a large red circle", "the word(s) large (its captions use"),
+        ("a large red circle", "words, listed in README.md, section 'Demo model' > 'Vocabulary and grammar'"),
+        ("a red circle on a blue background", "knows no background colour blue (only white, gray, black"),
         ("a red circle on the left " * 20, "prompt truncated"),
         ("A RED Circle, on the LEFT!!", None),
     ],
