@@ -10,7 +10,7 @@ import torch
 
 from ldm_rt.demo.classify import check_two_objects, classify, score
 from ldm_rt.demo.shapes import (
-    BACKGROUNDS, COLOURS, HELDOUT_PAIRS, JITTER, MIN_GAP, POSITIONS, SIZE_RANGE, VOCABULARY, CaptionSpec,
+    BACKGROUNDS, COLOURS, HELDOUT_PAIRS, JITTER, MIN_GAP, POSITIONS, SHAPES, SIZE_RANGE, VOCABULARY, CaptionSpec,
     ObjectSpec, Scene, ShapeSpec, caption, cell_center, coverage, heldout_captions, make_batch, normalise,
     parse_caption, render, sample_scenes, vary_caption,
 )
@@ -308,3 +308,22 @@ def test_classify_checks_its_inputs():
     with pytest.raises(ValueError):
         score([img], [])
     assert len(POSITIONS) == 9
+
+
+def test_sweep_forms_are_the_issues_four_natural_forms():
+    """Issue 19's sweep: 24 distinct prompts per form, each inside the grammar; the colourless
+    form asks for every shape in 8 different cells."""
+    from ldm_rt.demo.evaluate import SWEEP_FORMS, sweep_prompts
+
+    assert len(SWEEP_FORMS) == 4
+    for form in SWEEP_FORMS:
+        prompts = sweep_prompts(form)
+        assert len(set(prompts)) == 24, form
+        specs = [parse_caption(p) for p in prompts]
+        assert all(len(s.objects) == 1 and s.background is None for s in specs), form
+    (no_colour,) = [f for f in SWEEP_FORMS if "{colour}" not in f]
+    specs = [parse_caption(p).objects[0] for p in sweep_prompts(no_colour)]
+    assert all(o.colour is None and o.cell is not None for o in specs)
+    for shape in SHAPES:
+        assert len({o.cell for o in specs if o.shape == shape}) == 8, shape
+    assert any(p.endswith(".") and "," in p for p in sweep_prompts(SWEEP_FORMS[2]))

@@ -12,7 +12,7 @@ model's own run defaults (steps, guidance, size: what `ldm-rt run` uses):
 - two-object captions: both colours present, each with its centroid in its named cell;
 - `--sweep`: all 24 (colour, shape) pairs (held-out ones included) in each of the natural
   caption forms of issue 19 (`SWEEP_FORMS`: no position, a position after a comma, a trailing
-  full stop, capitals and no article); "all" = every attribute the prompt names is right;
+  full stop, no colour); "all" = every attribute the prompt names is right;
 - `--diversity`: how much 16 seeds of one prompt differ (spread of the object's centroid and
   size, mean absolute pixel difference between images) against 16 dataset images of the same
   caption, measured the same way (`diversity`).
@@ -29,16 +29,18 @@ import numpy as np
 
 from ldm_rt.demo.classify import background_colour, foreground_mask, score
 from ldm_rt.demo.shapes import (
-    COLOURS, SHAPES, Scene, _sample_object, caption, heldout_captions, parse_caption, render,
+    COLOURS, POSITIONS, SHAPES, Scene, _sample_object, caption, heldout_captions, parse_caption, render,
     sample_scenes,
 )
 
-# Issue 19's sweep: what a new user types. Every form must parse (shapes.parse_caption).
+# Issue 19's sweep: what a new user types. Every form must parse (shapes.parse_caption). The
+# last one names no colour (only its shape and position are scored); its position changes
+# with the pair, so each shape is asked for in 8 different cells.
 SWEEP_FORMS = (
     "a {colour} {shape}",
     "a {colour} {shape}, in the center",
     "a {colour} {shape}, on the left.",
-    "{Colour} {shape} on the right",
+    "a {shape} {position}",
 )
 
 # The README grid: held-out pairings (marked *) next to trained ones, every background, both
@@ -97,8 +99,10 @@ def evaluate(pipe, n_single: int = 54, n_two: int = 24, seed: int = 0, progress:
 
 
 def sweep_prompts(form: str) -> list[str]:
-    """`form` filled with each of the 24 (colour, shape) pairs, in colour, shape order."""
-    return [form.format(colour=c, Colour=c.capitalize(), shape=s) for c in COLOURS for s in SHAPES]
+    """`form` filled with each of the 24 (colour, shape) pairs, in colour, shape order; a
+    `{position}` is the pair's own cell, (colour index + 3 x shape index) mod 9."""
+    return [form.format(colour=c, Colour=c.capitalize(), shape=s, position=POSITIONS[(i + 3 * j) % len(POSITIONS)])
+            for i, c in enumerate(COLOURS) for j, s in enumerate(SHAPES)]
 
 
 def sweep(pipe, forms=SWEEP_FORMS, seed: int = 0, progress: bool = False) -> dict[str, dict]:
