@@ -48,8 +48,8 @@ def accuracy(pipe):
     return result
 
 
-# The shipped model (10000 DiT steps on the 2-core CPU) measures colour 1.0, position 1.0,
-# shape 0.981 and two-object 1.0 (README, *Demo model*).
+# The shipped model (16000 DiT steps on the 2-core CPU) measures colour 1.0, position 1.0,
+# shape 0.981 and two-object 0.917 (README, *Demo model*).
 def test_heldout_captions_meet_the_issue_targets(accuracy):
     assert accuracy["colour"] >= 0.90, accuracy
     assert accuracy["position"] >= 0.90, accuracy
