@@ -18,6 +18,12 @@ them), which makes it also match that token in other letter case (`<|ENDOFTEXT|>
 special tokens match only as written.
 Like transformers, a model directory's `tokenizer.json` contributes only its vocab and merges:
 the pipeline above is always rebuilt.
+
+`strip_punctuation=True` (off by default, so CLIP's ids stay CLIP's) adds one normalisation
+step before the whitespace collapse: every character that is not a letter, digit or whitespace
+becomes a space, so "A red circle, on the left." tokenises as "a red circle on the left". The
+demo model's tokenizer has it (a closed caption vocabulary never shows punctuation); it is
+stored in tokenizer_config.json as `ldm_rt_strip_punctuation`, which `from_dir` reads back.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ END_OF_WORD = "</w>"
 _SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # transformers writes int(1e30) as model_max_length when a tokenizer has none.
 _UNSET_MAX_LENGTH = 10**29
+STRIP_PUNCTUATION_KEY = "ldm_rt_strip_punctuation"  # tokenizer_config.json flag (ldm-rt's own)
 
 
 @dataclass
@@ -60,6 +67,7 @@ class CLIPTokenizer:
         eos_token: str = EOS,
         pad_token: str = EOS,
         unk_token: str = EOS,
+        strip_punctuation: bool = False,
     ):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for bos and eos), got {max_length}")
@@ -74,9 +82,11 @@ class CLIPTokenizer:
                 unk_token=unk_token,
             )
         )
-        tok.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-        )
+        steps = [normalizers.NFC()]
+        if strip_punctuation:
+            steps.append(normalizers.Replace(Regex(r"[^\p{L}\p{N}\s]"), " "))
+        steps += [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        tok.normalizer = normalizers.Sequence(steps)
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [
                 pre_tokenizers.Split(Regex(_SPLIT), behavior="removed", invert=True),
@@ -97,6 +107,7 @@ class CLIPTokenizer:
         )
         self._tokenizer = tok
         self.max_length = max_length
+        self.strip_punctuation = strip_punctuation
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
 
     # -----------------------------------------------------------------------------------------
@@ -105,10 +116,11 @@ class CLIPTokenizer:
 
     @classmethod
     def from_vocab(
-        cls, vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int, pad_token: str = EOS
+        cls, vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int, pad_token: str = EOS,
+        strip_punctuation: bool = False,
     ) -> CLIPTokenizer:
         """From a CLIP vocab (`<|startoftext|>`, `<|endoftext|>` included) and its merges."""
-        return cls(vocab, merges, max_length, pad_token=pad_token)
+        return cls(vocab, merges, max_length, pad_token=pad_token, strip_punctuation=strip_punctuation)
 
     @classmethod
     def byte_level(
@@ -150,12 +162,14 @@ class CLIPTokenizer:
         return cls(vocab, [], max_length, pad_token=pad_token)
 
     @classmethod
-    def from_dir(cls, path: str | Path, max_length: int | None = None) -> CLIPTokenizer:
+    def from_dir(cls, path: str | Path, max_length: int | None = None,
+                 strip_punctuation: bool | None = None) -> CLIPTokenizer:
         """Load a tokenizer/ folder: tokenizer.json, or vocab.json + merges.txt (CLIP format).
 
         tokenizer_config.json / special_tokens_map.json, when present, give model_max_length and
         the bos/eos/pad/unk tokens. The length used is the smaller of model_max_length and
         `max_length` (the pipeline passes the text encoder's max_position_embeddings).
+        `strip_punctuation` None reads the folder's `ldm_rt_strip_punctuation` flag (default off).
         """
         path = Path(path)
         if not path.is_dir():
@@ -189,6 +203,8 @@ class CLIPTokenizer:
         return cls(
             vocab, merges, min(lengths), bos_token=tokens["bos"], eos_token=tokens["eos"],
             pad_token=tokens["pad"], unk_token=tokens["unk"],
+            strip_punctuation=config.get(STRIP_PUNCTUATION_KEY) is True if strip_punctuation is None
+            else strip_punctuation,
         )
 
     def save(self, path: str | Path) -> None:
@@ -204,6 +220,8 @@ class CLIPTokenizer:
             "pad_token": self.pad_token,
             "unk_token": self.unk_token,
         }
+        if self.strip_punctuation:
+            config[STRIP_PUNCTUATION_KEY] = True
         (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     # -----------------------------------------------------------------------------------------

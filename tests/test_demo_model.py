@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ldm_rt.cli import main
-from ldm_rt.demo.evaluate import evaluate
+from ldm_rt.demo.evaluate import DIVERSITY_PROMPTS, diversity, evaluate
 from ldm_rt.model_dir import DEMO_MODEL_DIR, default_model_dir, load_model_dir
 from ldm_rt.pipeline import Pipeline
 
@@ -48,8 +48,8 @@ def accuracy(pipe):
     return result
 
 
-# The shipped model (10000 DiT steps on the 2-core CPU) measures colour 1.0, position 1.0,
-# shape 0.981 and two-object 1.0 (README, *Demo model*).
+# The shipped model (16000 DiT steps on the 2-core CPU) measures colour 1.0, position 1.0,
+# shape 0.981 and two-object 0.917 (README, *Demo model*).
 def test_heldout_captions_meet_the_issue_targets(accuracy):
     assert accuracy["colour"] >= 0.90, accuracy
     assert accuracy["position"] >= 0.90, accuracy
@@ -59,6 +59,23 @@ def test_heldout_captions_meet_the_issue_targets(accuracy):
 def test_two_object_captions_meet_the_issue_aim(accuracy):
     """Both colours present, each object's centroid in its own cell (the issue aims at 70%)."""
     assert accuracy["two_object"] >= 0.70, accuracy
+
+
+def test_seeds_vary_as_the_dataset_does(pipe):
+    """Issue 19 saw seeds differ by 2-4/255 and asked whether that is mode collapse. It is not:
+    the dataset's own images of one caption differ that little (jitter <= 4% of the side, sizes
+    22-35%). A collapsed model would put every seed's object at one centre and size; this one's
+    spread over 16 seeds must be at least a quarter of the dataset's, in centre and in size,
+    for a trained pair and two held-out ones (README, *Demo model*, for the measured ratios)."""
+    torch.set_num_threads(2)
+    result = diversity(pipe, DIVERSITY_PROMPTS[:3], n_seeds=16)
+    for prompt, r in result.items():
+        model, data = r["model"], r["data"]
+        print(f"\n{prompt}: centre std {model['centre_std']:.4f} (data {data['centre_std']:.4f}), "
+              f"size std {model['size_std']:.4f} (data {data['size_std']:.4f})")
+        assert model["n_foreground"] == data["n_foreground"] == 16, r
+        assert model["centre_std"] >= 0.25 * data["centre_std"], r
+        assert model["size_std"] >= 0.25 * data["size_std"], r
 
 
 def test_the_shipped_tokenizer_is_the_one_the_text_encoder_was_trained_with():
@@ -96,6 +113,9 @@ def test_ldm_rt_run_without_model_dir_draws_the_prompt(tmp_path):
     [
         ("", None),
         ("a zebra riding a bicycle", "does not know the word(s) bicycle, riding, zebra"),
+        ("a large red circle", "the word(s) large (its captions use"),
+        ("a large red circle", "words, listed in README.md, section 'Demo model' > 'Vocabulary and grammar'"),
+        ("a red circle on a blue background", "knows no background colour blue (only white, gray, black"),
         ("a red circle on the left " * 20, "prompt truncated"),
         ("A RED Circle, on the LEFT!!", None),
     ],

@@ -1,14 +1,18 @@
 """Demo shapes dataset and its rule-based classifier: determinism, held-out split, caption
 grammar, geometry, anti-aliasing, and the classifier's accuracy on the dataset's own images."""
 
+from collections import Counter
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from ldm_rt.demo.classify import check_two_objects, classify, score
 from ldm_rt.demo.shapes import (
-    BACKGROUNDS, COLOURS, HELDOUT_PAIRS, JITTER, MIN_GAP, POSITIONS, SIZE_RANGE, VOCABULARY, CaptionSpec,
-    ObjectSpec, Scene, ShapeSpec, caption, cell_center, coverage, heldout_captions, make_batch, parse_caption,
-    render, sample_scenes,
+    BACKGROUNDS, COLOURS, HELDOUT_PAIRS, JITTER, MIN_GAP, POSITIONS, SHAPES, SIZE_RANGE, VOCABULARY, CaptionSpec,
+    ObjectSpec, Scene, ShapeSpec, caption, cell_center, coverage, heldout_captions, make_batch, normalise,
+    parse_caption, render, sample_scenes, vary_caption,
 )
 
 SIZE = 128
@@ -103,9 +107,11 @@ def test_parse_caption_round_trips_the_sampler():
 
 @pytest.mark.parametrize("text", [
     "",
-    "a red circle",
+    "a red",
+    "a red on the left",
+    "a circle red",
     "a magenta circle on the left",
-    "an orange circle on the left",
+    "a red circle on the middle",
     "a red circle on the left on a blue background",
     "a red circle on the left on a white background please",
     "a red circle on the left and a red square on the right",
@@ -115,6 +121,94 @@ def test_parse_caption_round_trips_the_sampler():
 def test_parse_caption_rejects_text_outside_the_grammar(text):
     with pytest.raises(ValueError):
         parse_caption(text)
+
+
+@pytest.mark.parametrize("text, objects, background", [
+    ("a red circle", [("red", "circle", None)], None),
+    ("A red circle, on the left.", [("red", "circle", 3)], None),
+    ("a circle on the left", [(None, "circle", 3)], None),
+    ("Red Circle on the right!", [("red", "circle", 5)], None),
+    ("an orange square at the top on a black background", [("orange", "square", 1)], "black"),
+    ("a red circle and a blue square on white background", [("red", "circle", None), ("blue", "square", None)], "white"),
+    ("a triangle in the center and a square", [(None, "triangle", 4), (None, "square", None)], None),
+])
+def test_parse_caption_reads_shortened_captions(text, objects, background):
+    assert parse_caption(text) == CaptionSpec(tuple(ObjectSpec(*o) for o in objects), background)
+
+
+def test_vary_caption_leaves_parts_out_never_invents_one_and_keeps_heldout_pairs_out():
+    scenes = sample_scenes(11, 3000, "train")
+    rng = np.random.default_rng(0)
+    seen = Counter()
+    for scene in scenes:
+        full = scene.spec()
+        text = vary_caption(full, rng)
+        words = text.split()
+        unknown = [w for w in words if w not in VOCABULARY]
+        assert len(unknown) <= 1 and (not unknown or len(full.objects) == 1), text
+        spec = parse_caption(" ".join(w for w in words if w in VOCABULARY))
+        assert len(spec.objects) == len(full.objects), text
+        for got, want in zip(spec.objects, full.objects):
+            assert got.shape == want.shape and got.colour in (None, want.colour) and got.cell in (None, want.cell)
+            seen["no colour"] += got.colour is None
+            seen["no position"] += got.cell is None
+        assert spec.background in (None, full.background), text
+        if len(spec.objects) == 1 and spec.objects[0].colour is not None:
+            assert (spec.objects[0].colour, spec.objects[0].shape) not in set(HELDOUT_PAIRS), text
+        if len(spec.objects) == 2:
+            assert None not in (spec.objects[0].colour, spec.objects[1].colour), text
+        seen["no background"] += full.background is not None and spec.background is None
+        seen["unknown word"] += bool(unknown)
+        seen["no article"] += words[0] not in ("a", "an") and not unknown
+        seen["an"] += "an" in words
+        seen["unchanged"] += text == scene.caption
+    print("\nvary_caption over 3000 train scenes:", dict(seen))
+    assert all(seen[k] >= 20 for k in ("no colour", "no position", "no background", "unknown word", "no article",
+                                       "an", "unchanged")), seen
+    again = [vary_caption(s.spec(), np.random.default_rng(5)) for s in scenes[:50]]
+    assert again == [vary_caption(s.spec(), np.random.default_rng(5)) for s in scenes[:50]]
+
+
+def test_normalise_is_what_the_demo_tokenizer_sees():
+    from ldm_rt.demo.train import build_tokenizer
+
+    tok = build_tokenizer(32)
+    assert tok.strip_punctuation
+    texts = ["A red circle, on the left.", "RED CIRCLE!!!  on  the\tright", "a red-circle (top)", "a_red circle?",
+             "a red circle in the top left corner on a white background"]
+    assert normalise(texts[0]) == "a red circle on the left"
+    assert torch.equal(tok(texts).input_ids, tok([normalise(t) for t in texts]).input_ids)
+
+
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
+def test_spread_measures_the_datasets_jitter_and_size(shape):
+    """evaluate._spread (the seed-diversity measure) reads back the sampler's spread: a jitter
+    uniform in a disc of radius JITTER has centre std JITTER / sqrt(2), a size uniform in
+    SIZE_RANGE has std (hi - lo) / sqrt(12)."""
+    from ldm_rt.demo.evaluate import _spread
+    from ldm_rt.demo.shapes import _sample_object
+
+    rng = np.random.default_rng(3)
+    images = [render(Scene((_sample_object(rng, "red", shape, 4),), "white", "", False), SIZE) for _ in range(300)]
+    got = _spread(images, "white")
+    assert got["n_foreground"] == 300
+    assert got["centre_std"] == pytest.approx(JITTER / np.sqrt(2), rel=0.1), got
+    assert got["size_std"] == pytest.approx((SIZE_RANGE[1] - SIZE_RANGE[0]) / np.sqrt(12), rel=0.1), got
+    same = _spread([images[0]] * 4, "white")
+    assert same["centre_std"] == same["size_std"] == same["pixel_mad"] == 0.0
+
+
+def test_readme_lists_the_vocabulary_and_grammar():
+    """The pipeline's unknown-word warning sends users to this README section."""
+    from ldm_rt.demo.demo_config import VOCABULARY_DOC
+
+    assert "Vocabulary and grammar" in VOCABULARY_DOC
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Vocabulary and grammar", 1)[1].split("\n## ", 1)[0]
+    for word in VOCABULARY:
+        assert f"`{word}`" in section, word
+    for phrase in (*POSITIONS, *BACKGROUNDS, "object := [article] [colour] shape [position]"):
+        assert phrase in section, phrase
 
 
 def test_geometry():
@@ -214,3 +308,22 @@ def test_classify_checks_its_inputs():
     with pytest.raises(ValueError):
         score([img], [])
     assert len(POSITIONS) == 9
+
+
+def test_sweep_forms_are_the_issues_four_natural_forms():
+    """Issue 19's sweep: 24 distinct prompts per form, each inside the grammar; the colourless
+    form asks for every shape in 8 different cells."""
+    from ldm_rt.demo.evaluate import SWEEP_FORMS, sweep_prompts
+
+    assert len(SWEEP_FORMS) == 4
+    for form in SWEEP_FORMS:
+        prompts = sweep_prompts(form)
+        assert len(set(prompts)) == 24, form
+        specs = [parse_caption(p) for p in prompts]
+        assert all(len(s.objects) == 1 and s.background is None for s in specs), form
+    (no_colour,) = [f for f in SWEEP_FORMS if "{colour}" not in f]
+    specs = [parse_caption(p).objects[0] for p in sweep_prompts(no_colour)]
+    assert all(o.colour is None and o.cell is not None for o in specs)
+    for shape in SHAPES:
+        assert len({o.cell for o in specs if o.shape == shape}) == 8, shape
+    assert any(p.endswith(".") and "," in p for p in sweep_prompts(SWEEP_FORMS[2]))

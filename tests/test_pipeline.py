@@ -356,6 +356,21 @@ def test_closed_vocabulary_warns_about_unknown_words_and_still_draws(pipe, recwa
     assert any("truncated" in m for m in messages), messages
 
 
+def test_closed_slots_warn_about_a_known_word_out_of_place(pipe, recwarn):
+    """Issue 19: "... on a blue background" warned about nothing, since "blue" is an object colour."""
+    slot = {"pattern": r"\b(?!(?:a|an|the|on)\b)([a-z]+) background\b", "words": ["white", "gray"],
+            "what": "background colour"}
+    pipe.defaults = {**pipe.defaults, "vocabulary": ["a", "red", "blue", "circle", "on", "background", "white", "gray"],
+                     "vocabulary_doc": "the README's Demo model section", "closed_slots": [slot]}
+    pipe.generate(["a red circle on a blue background", "a red circle on a white background",
+                   "a red circle on a background", "a red circle on a pink background"], steps=1, height=H, width=W)
+    messages = [str(w.message) for w in recwarn.list]
+    slots = [m for m in messages if "knows no background colour" in m]
+    assert len(slots) == 2 and "colour blue (only white, gray" in slots[0], messages
+    unknown = [m for m in messages if "does not know" in m]
+    assert len(unknown) == 1 and "pink" in unknown[0] and "listed in the README's Demo model section" in unknown[0]
+
+
 def test_no_vocabulary_no_unknown_word_warning(pipe, recwarn):
     assert "vocabulary" not in pipe.defaults
     pipe.generate("zebra quokka", steps=1, height=H, width=W)

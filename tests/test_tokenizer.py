@@ -169,6 +169,24 @@ def test_trained_vocab_matches_transformers(trained_vocab_dir):
     assert_matches(short, trained_vocab_dir, SENTENCES)
 
 
+def test_strip_punctuation_is_off_by_default_and_kept_by_save(clip_vocab_dir, tmp_path):
+    """CLIP keeps its punctuation ids (parity with transformers); the flag the demo tokenizer sets
+    turns punctuation into spaces and survives save / from_dir."""
+    plain = CLIPTokenizer.from_dir(clip_vocab_dir, max_length=MAX_LENGTH)
+    assert not plain.strip_punctuation
+    texts = ["A red circle, on the left.", "red-circle (top)!"]
+    assert_matches(plain, clip_vocab_dir, texts)
+    strip = CLIPTokenizer.from_dir(clip_vocab_dir, max_length=MAX_LENGTH, strip_punctuation=True)
+    assert torch.equal(strip(texts).input_ids, plain(["a red circle on the left", "red circle top"]).input_ids)
+    assert not torch.equal(strip(texts).input_ids, plain(texts).input_ids)
+    strip.save(tmp_path / "strip")
+    plain.save(tmp_path / "plain")
+    assert "ldm_rt_strip_punctuation" not in (tmp_path / "plain" / "tokenizer_config.json").read_text()
+    again = CLIPTokenizer.from_dir(tmp_path / "strip")
+    assert again.strip_punctuation and torch.equal(again(texts).input_ids, strip(texts).input_ids)
+    assert not CLIPTokenizer.from_dir(tmp_path / "plain").strip_punctuation
+
+
 def test_tokenizer_json_equals_vocab_and_merges(clip_vocab_dir, tmp_path):
     from_files = CLIPTokenizer.from_dir(clip_vocab_dir, max_length=MAX_LENGTH)
     # transformers' own tokenizer.json (model_max_length unset: the argument decides).

@@ -11,7 +11,8 @@ No learning; the rule is fixed so a score means the same thing across runs and m
 5. shape = fill ratio of the foreground's bounding box: square above 0.9 (a square fills 1.0),
    circle above 0.65 (pi / 4 = 0.785), else triangle (0.5).
 
-Two-object captions are checked per colour instead (`check_two_objects`).
+Two-object captions are checked per colour instead (`check_two_objects`). What a caption does
+not name (a shortened caption: no position, no colour) is free: it counts as right.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def classify(image: np.ndarray, background: str | None = None) -> Prediction:
 
 def check_two_objects(image: np.ndarray, scene: Scene | CaptionSpec) -> bool:
     """Whether every named colour is present and the centroid of the foreground pixels nearest to
-    it lies in its named cell (shapes are not checked). A Scene is judged by its caption."""
+    it lies in its named cell, when the caption names one (shapes are not checked). A Scene is
+    judged by its caption. An object without a colour cannot be told apart and is not checked."""
     spec = scene.spec() if isinstance(scene, Scene) else scene
     img = _check_image(image)
     height, width = img.shape[:2]
@@ -107,10 +109,12 @@ def check_two_objects(image: np.ndarray, scene: Scene | CaptionSpec) -> bool:
     ys, xs = np.nonzero(fg)
     labels = _nearest_colour(img[fg])  # (N_fg,)
     for obj in spec.objects:
+        if obj.colour is None:
+            continue
         mine = labels == _COLOUR_NAMES.index(obj.colour)
         if mine.sum() < MIN_PRESENT_FRAC * height * width:
             return False
-        if _cell(ys[mine], xs[mine], height, width) != obj.cell:
+        if obj.cell is not None and _cell(ys[mine], xs[mine], height, width) != obj.cell:
             return False
     return True
 
@@ -119,7 +123,8 @@ def score(images: np.ndarray | Sequence[np.ndarray], captions: Sequence[str]) ->
     """Accuracy of images against their captions.
 
     Single-object captions: per-attribute accuracy ("colour", "position", "shape") and "all"
-    three at once, over "n_single" images; two-object captions: "two_object" (check_two_objects)
+    three at once, over "n_single" images (an attribute the caption does not name counts as
+    right, but an image with no foreground is wrong); two-object captions: "two_object" (check_two_objects)
     over "n_two" images. "n_no_foreground" counts single-object images with nothing detected
     (scored wrong). An accuracy is None when there was nothing to score.
     """
@@ -137,8 +142,8 @@ def score(images: np.ndarray | Sequence[np.ndarray], captions: Sequence[str]) ->
         (want,) = spec.objects
         got = classify(image, spec.background)
         no_fg += not got.ok
-        right = {"colour": got.colour == want.colour, "position": got.cell == want.cell,
-                 "shape": got.shape == want.shape}
+        right = {"colour": got.ok and want.colour in (None, got.colour),
+                 "position": got.ok and want.cell in (None, got.cell), "shape": got.shape == want.shape}
         right["all"] = all(right.values())
         for key, ok in right.items():
             hits[key] += ok

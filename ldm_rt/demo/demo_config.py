@@ -12,7 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ldm_rt.configs import FLOW_SCHEDULER, DiTConfig, TextEncoderConfig, VAEConfig
+from ldm_rt.demo.shapes import BACKGROUNDS, VOCABULARY, CaptionVariation
 from ldm_rt.errors import ConfigError
+
+# Where a user finds the words and grammar the demo model knows (named in the pipeline's warning).
+VOCABULARY_DOC = "README.md, section 'Demo model' > 'Vocabulary and grammar'"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class DemoConfig:
     dit_warmup: int = 500
     dit_decay: int = 0
     caption_dropout: float = 0.1
+    # shortened captions in the dit stage (shapes.vary_caption); None: the scenes' full captions
+    caption_variation: CaptionVariation | None = CaptionVariation()
     ema_decay: float = 0.999  # 0 disables the EMA
     steps: int = 20  # run defaults of the exported model
     guidance: float = 4.0
@@ -61,11 +67,14 @@ class DemoConfig:
 
     @property
     def defaults(self) -> dict:
-        from ldm_rt.demo.shapes import VOCABULARY
-
-        # `vocabulary` makes the pipeline warn about words the captions never use
+        # `vocabulary` makes the pipeline warn about words the captions never use, naming
+        # `vocabulary_doc`; `closed_slots` about known words where the grammar has no place for
+        # them ("blue" is an object colour, not a background colour)
+        background = {"pattern": r"\b(?!(?:a|an|the|on)\b)([a-z]+) background\b", "words": list(BACKGROUNDS),
+                      "what": "background colour"}
         return {"steps": self.steps, "guidance": self.guidance, "height": self.image_size,
-                "width": self.image_size, "vocabulary": sorted(VOCABULARY)}
+                "width": self.image_size, "vocabulary": sorted(VOCABULARY), "vocabulary_doc": VOCABULARY_DOC,
+                "closed_slots": [background]}
 
 
 DEMO_CONFIGS: dict[str, DemoConfig] = {

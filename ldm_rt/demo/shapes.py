@@ -12,8 +12,19 @@ the top. Everything is numpy only and deterministic from a `np.random.Generator`
 (`make_batch(seed, ...)` from a seed).
 
 Six (colour, shape) pairings are held out of training as single-object captions
-(`HELDOUT_PAIRS`); two-object scenes may use any pairing. The grammar says "a orange ...",
-not "an orange ...": one article for every colour keeps the grammar (and `parse_caption`) flat.
+(`HELDOUT_PAIRS`); two-object scenes may use any pairing.
+
+A scene's own caption (`caption`) names everything: article, colour, shape and position of each
+object, and the background in 70% of scenes. The training stage shows each image under a
+shortened caption too (`vary_caption`): position, background clause, article or colour left
+out at random, "an" before "orange", an unknown word now and then. What a caption leaves out is
+free; what it names must be drawn. The grammar of both (`parse_caption` reads them):
+
+    caption  := object [" and " object] [" on " [article] background " background"]
+    object   := [article] [colour " "] shape [" " position]
+    article  := "a " | "an "
+
+Case, punctuation and runs of whitespace do not matter (`normalise`), as in the demo tokenizer.
 """
 
 from __future__ import annotations
@@ -89,11 +100,11 @@ class ShapeSpec:
 
 @dataclass(frozen=True)
 class ObjectSpec:
-    """What a caption says about one object."""
+    """What a caption says about one object; None = not said (free)."""
 
-    colour: str
+    colour: str | None
     shape: str
-    cell: int
+    cell: int | None
 
 
 @dataclass(frozen=True)
@@ -121,24 +132,39 @@ class Scene:
 
 # ----------------------------------------------------------------------------- captions
 
+def _object_text(o: ObjectSpec, article: str | None = "a") -> str:
+    words = [article, o.colour, o.shape, None if o.cell is None else POSITIONS[o.cell]]
+    return " ".join(w for w in words if w)
+
+
 def caption(scene: Scene | CaptionSpec) -> str:
-    """The caption of a scene (or of a parsed caption: `caption(parse_caption(t)) == t`)."""
+    """The caption of a scene (or of a parsed caption: `caption(parse_caption(t)) == t` for the
+    captions `caption` writes, which always have the article "a")."""
     spec = scene.spec() if isinstance(scene, Scene) else scene
-    text = " and ".join(f"a {o.colour} {o.shape} {POSITIONS[o.cell]}" for o in spec.objects)
+    text = " and ".join(_object_text(o) for o in spec.objects)
     if spec.background is not None:
         text += f" on a {spec.background} background"
     return text
+
+
+def normalise(text: str) -> str:
+    """Lowercase, every punctuation or symbol run as a space, whitespace runs collapsed: what the
+    demo tokenizer does before it splits words (`CLIPTokenizer(strip_punctuation=True)`)."""
+    return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
 
 
 def _alternatives(words) -> str:
     return "|".join(re.escape(w) for w in words)
 
 
-_OBJECT = rf"a ({_alternatives(COLOURS)}) ({_alternatives(SHAPES)}) ({_alternatives(POSITIONS)})"
-_CAPTION = re.compile(rf"{_OBJECT}(?: and {_OBJECT})?(?: on a ({_alternatives(BACKGROUNDS)}) background)?")
+ARTICLES = ("a", "an")
+_OBJECT = (rf"(?:(?:{_alternatives(ARTICLES)}) )?(?:({_alternatives(COLOURS)}) )?({_alternatives(SHAPES)})"
+           rf"(?: ({_alternatives(POSITIONS)}))?")
+_CAPTION = re.compile(rf"{_OBJECT}(?: and {_OBJECT})?"
+                      rf"(?: on (?:(?:{_alternatives(ARTICLES)}) )?({_alternatives(BACKGROUNDS)}) background)?")
 
 VOCABULARY: list[str] = sorted(
-    {"a", "and", "on", "background", *COLOURS, *SHAPES, *BACKGROUNDS}
+    {*ARTICLES, "and", "on", "background", *COLOURS, *SHAPES, *BACKGROUNDS}
     | {w for phrase in POSITIONS for w in phrase.split()}
 )
 
@@ -146,19 +172,71 @@ _EXAMPLE = CaptionSpec((ObjectSpec("red", "circle", 3),), "white")  # for error 
 
 
 def parse_caption(text: str) -> CaptionSpec:
-    """Invert the caption grammar (case and runs of whitespace are normalised).
+    """Invert the caption grammar (after `normalise`: case and punctuation do not matter).
 
     Raises ValueError for text outside the grammar, including two objects that share a colour
-    or a cell.
+    or a cell (when both are named).
     """
-    m = _CAPTION.fullmatch(" ".join(text.lower().split()))
+    m = _CAPTION.fullmatch(normalise(text))
     if m is None:
         raise ValueError(f"{text!r} is not a demo caption; expected e.g. {caption(_EXAMPLE)!r}.")
     g = m.groups()  # colour, shape, position, [colour, shape, position], background
-    objects = tuple(ObjectSpec(g[i], g[i + 1], POSITIONS.index(g[i + 2])) for i in (0, 3) if g[i] is not None)
-    if len(objects) == 2 and (objects[0].colour == objects[1].colour or objects[0].cell == objects[1].cell):
-        raise ValueError(f"{text!r}: the two objects need different colours and different positions.")
+    objects = tuple(
+        ObjectSpec(g[i], g[i + 1], None if g[i + 2] is None else POSITIONS.index(g[i + 2]))
+        for i in (0, 3) if g[i + 1] is not None
+    )
+    if len(objects) == 2:
+        a, b = objects
+        if (a.colour is not None and a.colour == b.colour) or (a.cell is not None and a.cell == b.cell):
+            raise ValueError(f"{text!r}: the two objects need different colours and different positions.")
     return CaptionSpec(objects, g[6])
+
+
+@dataclass(frozen=True)
+class CaptionVariation:
+    """Probabilities with which `vary_caption` leaves a part out (each object's position and
+    article are dropped independently; colour only on a single object, so a two-object caption
+    never loses the colour that tells its objects apart)."""
+
+    omit_position: float = 0.35
+    omit_background: float = 0.4  # of the clauses the scene's caption has
+    omit_article: float = 0.3
+    omit_colour: float = 0.1
+    an_before_vowel: float = 0.5  # "an orange" rather than "a orange"
+    unknown_word: float = 0.1  # a random non-word inserted between two words (single objects)
+
+
+def _random_non_word(rng: np.random.Generator) -> str:
+    known = set(VOCABULARY)
+    while True:
+        word = "".join(chr(ord("a") + int(k)) for k in rng.integers(26, size=int(rng.integers(3, 9))))
+        if word not in known:
+            return word
+
+
+def vary_caption(spec: CaptionSpec, rng: np.random.Generator,
+                 variation: CaptionVariation = CaptionVariation()) -> str:
+    """A shortened caption of `spec`: never a part it does not say, so a train-split image keeps
+    its train-split pairing (a held-out pairing named alone stays held out), and whatever the
+    caption still names is true of the image. Deterministic from `rng`."""
+    v = variation
+    single = len(spec.objects) == 1
+    parts = []
+    for o in spec.objects:
+        colour = None if single and rng.random() < v.omit_colour else o.colour
+        cell = None if rng.random() < v.omit_position else o.cell
+        first = colour or o.shape
+        article = None if rng.random() < v.omit_article else (
+            "an" if first[0] in "aeiou" and rng.random() < v.an_before_vowel else "a")
+        parts.append(_object_text(ObjectSpec(colour, o.shape, cell), article))
+    text = " and ".join(parts)
+    if spec.background is not None and rng.random() >= v.omit_background:
+        text += f" on a {spec.background} background"
+    if single and rng.random() < v.unknown_word:  # single only: a two-object caption could overflow 32 tokens
+        words = text.split()
+        words.insert(int(rng.integers(len(words) + 1)), _random_non_word(rng))
+        text = " ".join(words)
+    return text
 
 
 def heldout_captions() -> list[str]:

@@ -12,6 +12,9 @@
   scratch with flow matching: x_t = (1 - t) x0 + t noise, target v = noise - x0, t logit-normal
   (SD3), DiT timestep input t * 1000 (the scale of `FlowMatchEuler.timesteps`), captions
   dropped to "" (the pipeline's unconditional prompt) with probability `caption_dropout`.
+  With `caption_variation` (the default) each step shows its images under shortened captions
+  (`shapes.vary_caption`: position, background, article or colour left out at random), drawn
+  from a generator seeded by (seed, step) and tokenised on the fly.
   An EMA of both is kept and exported.
 - `export`: a standard model directory (fp16 safetensors + `_ldm_rt_defaults`).
 
@@ -45,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_rt.demo.demo_config import DemoConfig, demo_config
-from ldm_rt.demo.shapes import VOCABULARY, make_batch
+from ldm_rt.demo.shapes import VOCABULARY, make_batch, parse_caption, vary_caption
 from ldm_rt.errors import InputError, LdmRtError
 from ldm_rt.models.dit import DiT
 from ldm_rt.models.text_encoder import CLIPTextModel
@@ -67,11 +70,12 @@ def build_tokenizer(max_length: int) -> CLIPTokenizer:
     Ids 0..511 are the 256 byte symbols and their "</w>" forms (CLIP's order), so any text
     tokenises (unknown words fall back to bytes); then the trainer's merged symbols, which
     include every VOCABULARY word as one "word</w>" token; then bos and eos (pad = eos, as CLIP).
+    Punctuation is stripped before tokenising (`strip_punctuation`): captions never show any.
 
     Not reproducible: the trainer breaks ties between equally frequent pairs at random, so two
     builds may number some merged symbols differently. A run builds it once (`run_tokenizer`).
     """
-    return CLIPTokenizer.from_vocab(*_bpe_vocab_merges(), max_length)
+    return CLIPTokenizer.from_vocab(*_bpe_vocab_merges(), max_length, strip_punctuation=True)
 
 
 def _bpe_vocab_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -99,16 +103,19 @@ def run_tokenizer(cfg: DemoConfig, run_dir: Path) -> CLIPTokenizer:
     """The run's tokenizer, built once and kept in `run_dir/tokenizer/`, so the ids the text
     encoder learns are the ids the exported model is given (`build_tokenizer` is not
     reproducible). A run dir made before tokenizers were kept has only its latent cache: the
-    ids of a new build are then renumbered to the cached ones."""
+    ids of a new build are then renumbered to the cached ones. Punctuation is always stripped
+    (a run dir made before that flag existed is upgraded in place: the ids do not change)."""
     max_length = cfg.text_encoder.max_position_embeddings
     path = run_dir / RUN_TOKENIZER
     if (path / "tokenizer.json").is_file():
-        return CLIPTokenizer.from_dir(path, max_length)
+        tokenizer = CLIPTokenizer.from_dir(path, max_length, strip_punctuation=True)
+        tokenizer.save(path)
+        return tokenizer
     vocab, merges = _bpe_vocab_merges()
     cache_path = run_dir / "latents.pt"
     if cache_path.is_file():
         vocab = renumber_to_cache(vocab, _load(cache_path))
-    tokenizer = CLIPTokenizer.from_vocab(vocab, merges, max_length)
+    tokenizer = CLIPTokenizer.from_vocab(vocab, merges, max_length, strip_punctuation=True)
     tokenizer.save(path)
     return tokenizer
 
@@ -447,12 +454,18 @@ def train_dit(cfg: DemoConfig, run_dir: Path, steps: int, seed: int, batch: int,
     dit.train()
     text_encoder.train()
     n = cache["latents"].shape[0]
+    specs = [parse_caption(c) for c in cache["captions"]] if cfg.caption_variation is not None else None
 
     def step_fn(step):
         gen = step_generator(seed, 0 if overfit else step)
         idx = torch.randint(n, (batch,), generator=gen)
         x0 = cache["latents"][idx]
-        ids, mask = cache["input_ids"][idx].clone(), cache["mask"][idx].clone()
+        if specs is None:
+            ids, mask = cache["input_ids"][idx].clone(), cache["mask"][idx].clone()
+        else:  # the cached images under shortened captions, a function of (seed, step)
+            rng = np.random.default_rng([seed, 0 if overfit else step])
+            tokens = tokenizer([vary_caption(specs[i], rng, cfg.caption_variation) for i in idx.tolist()])
+            ids, mask = tokens.input_ids, tokens.attention_mask
         drop = torch.rand(batch, generator=gen) < cfg.caption_dropout
         ids[drop], mask[drop] = empty.input_ids[0], empty.attention_mask[0]
         rate = lr_at(step, lr, cfg.dit_warmup, cfg.dit_decay)

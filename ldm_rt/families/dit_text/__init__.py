@@ -86,20 +86,35 @@ def encode_prompt(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor,
 def _warn_unknown_words(defaults: dict, prompts: list[str]) -> None:
     """A model trained on a closed caption vocabulary (the demo model's `_ldm_rt_defaults` has
     `vocabulary`) warns about words outside it: they still tokenise (byte fallback), but the
-    model has never seen them, so the image will not show them."""
+    model has never seen them, so the image will not show them. The warning names the words,
+    and where the vocabulary is listed (`vocabulary_doc`). `closed_slots` (each a regex
+    `pattern` with one group, its allowed `words` and `what` they are) warn about a known word
+    where the grammar has no place for it ("a blue background")."""
     vocabulary = defaults.get("vocabulary")
     if not vocabulary:
         return
     known = set(vocabulary)
+    doc = defaults.get("vocabulary_doc")
+    where = f", listed in {doc}" if doc else ""
     for prompt in prompts:
-        unknown = sorted({w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in known})
+        text = prompt.lower()
+        unknown = sorted({w for w in re.findall(r"[a-z]+", text) if w not in known})
         if unknown:
             shown = ", ".join(unknown[:8]) + (", ..." if len(unknown) > 8 else "")
             warnings.warn(
-                f"this model does not know the word(s) {shown} (its captions use {len(known)} words); "
+                f"this model does not know the word(s) {shown} (its captions use {len(known)} words{where}); "
                 "the image will not show them",
                 stacklevel=4,
             )
+        for slot in defaults.get("closed_slots", ()):
+            allowed = slot["words"]
+            wrong = sorted({m.group(1) for m in re.finditer(slot["pattern"], text)} - set(allowed))
+            if wrong:
+                warnings.warn(
+                    f"this model knows no {slot['what']} {', '.join(wrong)} (only {', '.join(allowed)}{where}); "
+                    "the image will not show it",
+                    stacklevel=4,
+                )
 
 
 class DiTTextFamily(Family):
