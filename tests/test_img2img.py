@@ -275,3 +275,49 @@ def test_cli_bad_image_inputs_are_one_error_line(tiny_model_dir, tmp_path, case)
     assert result.exit_code == 1, result.output
     assert len(_error_lines(result)) == 1, result.output
     assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@torch.no_grad()
+def test_class_dit_ddim_img2img_equals_diffusers_reference(tmp_path_factory, masked):
+    """The DDIM family (class DiT): StableDiffusionImg2Img/InpaintPipeline's loop (int(n * strength)
+    steps, DDIMScheduler.add_noise, the inpaint blend with add_noise at the next timestep), our DiT
+    without CFG, diffusers' AutoencoderKL."""
+    from ldm_rt.model_dir import init_model
+
+    root = init_model(tmp_path_factory.mktemp("class") / "tiny-class", "tiny-class", seed=2)
+    pipe = Pipeline.from_pretrained(root, device="cpu", dtype="fp32")
+    vae = pipe.components.vae
+    hf_vae = diffusers.AutoencoderKL(**{k: v for k, v in vae.config.to_dict().items() if not k.startswith("_")})
+    hf_vae.load_state_dict(vae.state_dict(), strict=True)
+    image, mask = _picture(8, 20, 24), _mask(20, 24)
+    steps, strength, labels = 9, 0.7, [207, 3]
+    got = pipe.generate(labels, image=image, strength=strength, steps=steps, guidance=1.0, seed=6,
+                        mask_image=mask if masked else None, output_type="pt").images
+
+    processor = VaeImageProcessor(vae_scale_factor=4)
+    init = processor.preprocess(image, height=20, width=24).float()
+    scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler)
+    scheduler.set_timesteps(steps)
+    timesteps, n = diffusers.StableDiffusionImg2ImgPipeline.get_timesteps(
+        type("H", (), {"scheduler": scheduler})(), steps, strength, "cpu")
+    assert n == int(steps * strength)
+    generator = torch.Generator().manual_seed(6)
+    x0 = retrieve_latents(hf_vae.encode(init), generator=generator) * hf_vae.config.scaling_factor
+    x0 = x0.repeat(2, 1, 1, 1)
+    noise = torch.randn((2, 4, 10, 12), generator=generator)
+    latents = scheduler.add_noise(x0, noise, timesteps[:1].repeat(2))
+    if masked:
+        m = VaeImageProcessor(vae_scale_factor=4, do_normalize=False, do_binarize=True,
+                              do_convert_grayscale=True).preprocess(mask, height=20, width=24)
+        m = torch.nn.functional.interpolate(m, size=(10, 12)).float()
+    dit = pipe.components.transformer
+    for i, t in enumerate(timesteps):
+        eps = dit(latents, t.expand(2).float(), class_labels=torch.tensor(labels))[:, :4]
+        latents = scheduler.step(eps, t, latents).prev_sample
+        if masked:
+            proper = x0 if i == len(timesteps) - 1 else scheduler.add_noise(x0, noise, timesteps[i + 1:i + 2])
+            latents = (1 - m) * proper + m * latents
+    want = processor.postprocess(hf_vae.decode(latents / hf_vae.config.scaling_factor).sample, output_type="pt")
+    assert want.std() > 0.05
+    assert (got - want).abs().max().item() <= 1e-5
