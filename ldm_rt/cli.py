@@ -93,8 +93,15 @@ def output_paths(out: Path | None, seed: int, count: int) -> list[Path]:
 @click.option("--text-encoder-device", type=click.Choice(["same", "cpu", "cuda"]), default=None,
               help="FLUX.1: where the text encoders (CLIP, T5) run; cpu keeps T5-XXL off the GPU (default: same "
                    "as --device).")
+@click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
+              help="Image-to-image: start from this image (PNG/JPEG); the size defaults to its own, rounded down "
+                   "to the model's multiple.")
+@click.option("--strength", type=float, default=None,
+              help="With --image: 0 < S <= 1, how much to redraw (1: everything; default 0.6, as diffusers).")
+@click.option("--mask", "mask_path", type=click.Path(path_type=Path), default=None,
+              help="With --image: inpaint; white pixels are redrawn, black ones kept (same size as --image).")
 def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, height, width, num_images, out,
-        device, dtype, guidance_channels, true_cfg_scale, text_encoder_device):
+        device, dtype, guidance_channels, true_cfg_scale, text_encoder_device, image_path, strength, mask_path):
     """Generate images from a text prompt (or ImageNet classes, for a class-conditional DiT)."""
     import math
     import time
@@ -107,6 +114,22 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
     start = time.perf_counter()
     if guidance is not None and not math.isfinite(guidance):
         raise InputError(f"--guidance {guidance} is not a finite number; give a scale >= 0 (<= 1 disables CFG).")
+    if image_path is None and (strength is not None or mask_path is not None):
+        raise InputError(f"{'--strength' if strength is not None else '--mask'} applies to image-to-image; "
+                         "give --image IN.png too.")
+    image = mask = None
+    if image_path is not None:  # read (and reject a non-image) before the model loads
+        from ldm_rt.image_input import image_size, open_image
+        from ldm_rt.schedulers import check_strength
+
+        if strength is not None:
+            check_strength(strength)
+        image = open_image(image_path, "--image")
+        mask = None if mask_path is None else open_image(mask_path, "--mask", mask=True)
+        if mask is not None and image_size(mask) != image_size(image):
+            (mh, mw), (h, w) = image_size(mask), image_size(image)
+            raise InputError(f"--mask {mask_path} is {mw}x{mh} but --image {image_path} is {w}x{h}; give a mask of "
+                             "the image's size (white = repaint).")
     fresh = seed is None
     seed = resolve_seed(seed)
     prompts = list(prompt)
@@ -123,14 +146,16 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
     result = pipe.generate(prompts if len(prompts) > 1 else prompts[0], negative_prompt=negative_prompt,
                            steps=steps, guidance=guidance, seed=seed, height=height, width=width,
                            num_images=num_images, progress=True, guidance_channels=guidance_channels,
-                           true_cfg_scale=true_cfg_scale)
+                           true_cfg_scale=true_cfg_scale, image=image, strength=strength, mask_image=mask)
     file_prompts = [p for p in prompts for _ in range(num_images)]
     for i, (image, path, text) in enumerate(zip(result.images, paths, file_prompts)):
         existed = path.exists()
         info = png_info(prompt=text, negative_prompt=negative_prompt or "", seed=seed, steps=result.steps,
                         guidance=result.guidance, height=image.height, width=image.width,
                         model=str(model_dir or "built-in demo"), backend=backend,
-                        batch=(i, len(paths)) if len(paths) > 1 else None)
+                        batch=(i, len(paths)) if len(paths) > 1 else None, strength=result.strength,
+                        image=None if image_path is None else image_path.name,
+                        mask=None if mask_path is None else mask_path.name)
         try:
             image.save(path, pnginfo=info)
         except OSError as exc:
@@ -138,8 +163,9 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
         replaced = ", replaced the existing file" if existed else ""
         click.echo(f"wrote {path} ({image.width}x{image.height}{replaced}): {text!r}")
     t = result.timings
+    encoding = f"image encoding {t['image_encoding']:.2f} s | " if "image_encoding" in t else ""
     click.echo(
-        f"time: load {load_s:.2f} s | text encoding {t['text_encoding']:.2f} s | "
+        f"time: load {load_s:.2f} s | text encoding {t['text_encoding']:.2f} s | {encoding}"
         f"denoising {t['denoising']:.2f} s | decoding {t['decoding']:.2f} s | "
         f"total {time.perf_counter() - start:.2f} s"
     )

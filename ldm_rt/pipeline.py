@@ -6,6 +6,17 @@ Conventions follow diffusers so the same seed draws the same image:
 - initial latents: `torch.randn(family.latent_shape(...), generator=torch.Generator("cpu").manual_seed(seed))`
   in fp32 on the CPU, then moved to the device and packed into the transformer's layout;
 - images: `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
+
+Image-to-image and inpainting (`image=`, `strength=`, `mask_image=`) follow diffusers' flow-matching
+img2img/inpaint pipelines (FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline/InpaintPipeline),
+and their DDPM-family ones for a DDIM scheduler:
+- one generator: the VAE's latent sample is drawn first, then the noise (so strength 1 starts from
+  other noise than text-to-image with the same seed, as in diffusers);
+- the schedule's tail from `scheduler.img2img_start(strength)`, its first latents
+  `scheduler.add_noise(image_latents, noise, start)` (diffusers' `scale_noise` / `add_noise`);
+- inpainting for a model not trained for it: after every step the known region is put back,
+  `latents = (1 - mask) * add_noise(image_latents, noise, next) + mask * latents`, the clean image
+  latents after the last step.
 """
 
 from __future__ import annotations
@@ -24,12 +35,14 @@ from ldm_rt import call_args
 from ldm_rt.backends import load_backend
 from ldm_rt.errors import InputError, NonFiniteError
 from ldm_rt.precision import Precision
+from ldm_rt.schedulers import check_strength
 from ldm_rt.seeds import resolve_seed
 
 # What a family without defaults of its own samples with (`Family.default_steps`/`default_guidance`).
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 4.0
-
+# diffusers' default strength in its flow-matching img2img/inpaint pipelines (Flux, SD3).
+DEFAULT_STRENGTH = 0.6
 
 
 @dataclass
@@ -39,6 +52,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     steps: int | None = None  # the steps and guidance the call ran with (after the model's defaults)
     guidance: float | None = None
+    strength: float | None = None  # image-to-image: the strength it ran with (None: text-to-image)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -159,25 +173,34 @@ class Pipeline:
 
     # -- stages ----------------------------------------------------------------------------------
 
+    def make_scheduler(self, latents, steps: int):
+        """The pure scheduler of a `steps`-step call on `latents` (transformer layout)."""
+        seq_len = self.family.image_seq_len(self.config, latents)
+        return self.family.scheduler(self.scheduler, steps, seq_len)
+
     @torch.no_grad()
     def denoise(self, latents, *conditioning, steps: int, guidance: float, progress: bool = False, callback=None,
-                **options):
+                start: int = 0, scheduler=None, after_step=None, **options):
         """The sampling loop. latents in the transformer's layout, fp32; `conditioning` the
         family's tensors (`Family.encode`: for a text DiT (text_states, text_mask, pooled), each
         [uncond; cond] when g > 1); `options` the family's step options (guidance_channels).
+        Image-to-image runs steps `start`..steps-1 of the schedule (`scheduler`, made by
+        `make_scheduler` when None); `after_step(i, latents) -> latents` runs after step i, before
+        the user's callback (inpainting's blend, as diffusers orders them).
 
         Latents stay in fp32 between steps (the scheduler update is computed in fp32); only the
         transformer runs in the pipeline's dtype.
         """
         from tqdm.auto import tqdm
 
-        seq_len = self.family.image_seq_len(self.config, latents)
-        scheduler = self.family.scheduler(self.scheduler, steps, seq_len)
+        scheduler = self.make_scheduler(latents, steps) if scheduler is None else scheduler
         step = self.step(scheduler, guidance, **options)
-        for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
+        for i in tqdm(range(start, steps), desc="denoising", disable=not progress, leave=False):
             latents = step(latents, i, *conditioning)
+            if after_step is not None:
+                latents = after_step(i, latents)
             if callback is not None:  # callback(i, timestep, latents) -> latents (call_args.step_callback)
-                latents = callback(i, scheduler.timesteps[i], latents)
+                latents = callback(i - start, scheduler.timesteps[i], latents)  # diffusers counts the run steps
         check_finite(latents, "denoising", self.precision)
         return latents
 
@@ -198,6 +221,37 @@ class Pipeline:
             return self.run_step(key, fn.fn, latents, t, coefficients[i], g, *conditioning)
 
         return step
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
+               sample_mode: str = "sample") -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), fp32 on the device, as
+        diffusers' img2img pipelines: `retrieve_latents` ("sample": mean + std * randn drawn from
+        `generator`, the default of FluxImg2ImgPipeline and StableDiffusion3Img2ImgPipeline;
+        "argmax": the mean), then `(z - shift_factor) * scaling_factor`.
+
+        A backend without an encoder graph (onnxruntime, tensorrt export the decoder only) encodes
+        with the reference module, eager, where it lives."""
+        if sample_mode not in ("sample", "argmax"):
+            raise InputError(f"sample_mode {sample_mode!r} is not one of sample, argmax.")
+        encoder = getattr(self.vae, "encode", None)
+        if encoder is None:
+            module = self.components.vae
+            weight = next(module.parameters())
+            mean, logvar = module.encode(images.to(device=weight.device, dtype=weight.dtype))
+        else:
+            mean, logvar = encoder(images.to(device=self.device, dtype=self.vae_dtype))
+        mean, logvar = mean.float().to(self.device), logvar.float().to(self.device)
+        check_finite(mean, "VAE encoding", self.precision)
+        z = mean
+        if sample_mode == "sample":
+            generator = torch.Generator("cpu").manual_seed(0) if generator is None else generator
+            eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            z = mean + torch.exp(0.5 * logvar) * eps.to(self.device)  # DiagonalGaussianDistribution.sample
+        vae = self.config.vae
+        if vae.shift_factor is not None:
+            z = z - vae.shift_factor
+        return z * vae.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -230,6 +284,9 @@ class Pipeline:
         output_type: str = "pil",
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
+        image=None,
+        strength: float | None = None,
+        mask_image=None,
         **diffusers_names,
     ) -> GenerationResult:
         """Text models: prompts are text. Class-conditional models: prompts are ImageNet class names
@@ -242,7 +299,13 @@ class Pipeline:
 
         `seed`: 0..2**64-1; None draws a fresh one, returned as `GenerationResult.seed`.
         diffusers' names and arguments (num_inference_steps, guidance_scale, generator, latents,
-        output_type, callback_on_step_end): see `ldm_rt.call_args`."""
+        output_type, callback_on_step_end): see `ldm_rt.call_args`.
+
+        Image-to-image: `image` (PIL image, file path, or tensor (B, 3, H, W) in [0, 1]), `strength`
+        in (0, 1] (default 0.6, diffusers' Flux/SD3 default; 1 redraws everything); the size
+        defaults to the image's, rounded down to the model's multiple, and the image is resized to
+        height x width otherwise. `mask_image` (same size as `image`; white = repaint) inpaints:
+        the black region keeps the image. See `ldm_rt.image_input` and the module docstring."""
         if diffusers_names:
             unknown = [k for k in diffusers_names if k not in call_args.ALIASES]
             if unknown:
@@ -257,6 +320,11 @@ class Pipeline:
         prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
         steps = self.defaults.get("steps", family.default_steps) if steps is None else steps
         guidance = self.defaults.get("guidance", family.default_guidance) if guidance is None else guidance
+        init = self._image_input(image, strength, mask_image, latents)
+        if init is not None and height is None:  # the image's size, rounded down (diffusers)
+            height = init.default_size[0]
+        if init is not None and width is None:
+            width = init.default_size[1]
         # `is None`, not `or`: an explicit 0 must reach latent_shape's check (InputError), not be
         # replaced silently by the default size (`--height 0` used to give a default-size image).
         height = self.defaults.get("height", self.default_size) if height is None else height
@@ -273,11 +341,69 @@ class Pipeline:
         options = {k: v for k, v in dict(guidance_channels=guidance_channels, true_cfg_scale=true_cfg_scale).items()
                    if v is not None}
         seed = resolve_seed(seed) if generator is None else generator.initial_seed()
+        if init is not None:
+            hooks["init"] = init
         return self._sample(prompts, negative_prompt, int(steps), float(guidance), seed, height, width, num_images,
                             progress, options, **hooks)
 
+    def _image_input(self, image, strength, mask_image, latents) -> _ImageInput | None:
+        """Check generate's image arguments (cheap: no model call); None for text-to-image."""
+        from ldm_rt import image_input
+
+        if image is None:
+            for name, value in (("strength", strength), ("mask_image", mask_image)):
+                if value is not None:
+                    raise InputError(f"{name} applies to image-to-image; give an image too (image=..., --image).")
+            return None
+        if latents is not None:
+            raise InputError("give image or latents, not both: with an image the starting latents come from it.")
+        strength = DEFAULT_STRENGTH if strength is None else check_strength(strength)
+        picture = image_input.open_image(image, "image")
+        mask = None if mask_image is None else image_input.open_image(mask_image, "mask_image", mask=True)
+        size = image_input.image_size(picture)
+        if mask is not None and image_input.image_size(mask) != size:
+            h, w = image_input.image_size(mask)
+            raise InputError(f"mask_image is {w}x{h} but image is {size[1]}x{size[0]}; give a mask of the image's "
+                             "size (white = repaint).")
+        multiple = self.family.size_multiple(self.config)
+        default = image_input.default_size(picture, multiple)
+        if min(default) < multiple:
+            raise InputError(f"image is {size[1]}x{size[0]}, smaller than this model's size multiple {multiple}; "
+                             f"give an image at least {multiple}x{multiple}, or height and width.")
+        return _ImageInput(picture, mask, strength, default)
+
+    def _start_latents(self, init: _ImageInput, shape, steps, seed, generator, height, width):
+        """Image-to-image's starting point (transformer layout) and its inpainting blend."""
+        from ldm_rt import image_input
+
+        family, batch = self.family, shape[0]
+        generator = torch.Generator("cpu").manual_seed(seed) if generator is None else generator
+        pixels = image_input.preprocess(init.image, height, width)
+        image_latents = family.encode_image(self, pixels, generator)  # draws the VAE sample first
+        if tuple(image_latents.shape[1:]) != tuple(shape[1:]):
+            raise InputError(f"the image encodes to latents {tuple(image_latents.shape[1:])}, but this call "
+                             f"samples {tuple(shape[1:])}; the VAE does not fit the transformer.")
+        image_latents = image_input.tile(image_latents, batch, "image")
+        noise = call_args.initial_latents(shape, seed, generator, None, self.device)  # then the noise
+        x0, noise = family.pack(self.config, image_latents), family.pack(self.config, noise)
+        scheduler = self.make_scheduler(x0, steps)
+        start = scheduler.img2img_start(init.strength)
+        latents = scheduler.add_noise(x0, noise, start)
+        after_step = None
+        if init.mask is not None:
+            mask = image_input.tile(image_input.preprocess(init.mask, height, width, mask=True), batch, "mask_image")
+            mask = family.pack(self.config, family.mask_latents(self.config, mask, shape)).to(self.device)
+            last = scheduler.num_steps - 1
+
+            def after_step(i, latents):  # diffusers' inpaint blend for a model without mask inputs
+                known = x0 if i == last else scheduler.add_noise(x0, noise, i + 1)
+                return (1 - mask) * known + mask * latents
+
+        return latents, dict(start=start, scheduler=scheduler, after_step=after_step)
+
     def _sample(self, prompts, negative_prompt, steps, guidance, seed, height, width, num_images, progress,
-                options, generator=None, latents=None, output_type="pil", callback=None) -> GenerationResult:
+                options, generator=None, latents=None, output_type="pil", callback=None,
+                init: _ImageInput | None = None) -> GenerationResult:
         """The family's part of `generate`, once the arguments are checked."""
         family = self.family
         request = family.prepare(self, prompts, negative_prompt, num_images, options)
@@ -286,16 +412,22 @@ class Pipeline:
         timings: dict[str, float] = {}
         with _stage("text_encoding", self.device, timings):
             conditioning = family.encode(self, request, guidance)
-        noise = call_args.initial_latents(shape, seed, generator, latents, self.device)
-        latents = family.pack(self.config, noise)
+        loop: dict = {}
+        if init is None:
+            noise = call_args.initial_latents(shape, seed, generator, latents, self.device)
+            latents = family.pack(self.config, noise)
+        else:
+            with _stage("image_encoding", self.device, timings):
+                latents, loop = self._start_latents(init, shape, steps, seed, generator, height, width)
         with _stage("denoising", self.device, timings):
             latents = self.denoise(latents, *conditioning, steps=steps, guidance=guidance, progress=progress,
-                                   callback=callback, **options)
+                                   callback=callback, **loop, **options)
         latents = family.unpack(self.config, latents, height, width)
         with _stage("decoding", self.device, timings):
             images = latents if output_type == "latent" else call_args.to_output(self.decode(latents), output_type,
                                                                                  to_pil)
-        return GenerationResult(images=images, seed=seed, timings=timings, steps=steps, guidance=guidance)
+        return GenerationResult(images=images, seed=seed, timings=timings, steps=steps, guidance=guidance,
+                                strength=None if init is None else init.strength)
 
     def __call__(self, prompt, **kwargs):
         """`generate(...).images`: PIL images, or the `output_type`'s array/tensor (`ldm_rt.call_args`)."""
@@ -319,6 +451,16 @@ class Pipeline:
         self.__init__(components, backend=self.backend, device=device, dtype=precision, onnx_dir=self._onnx_dir,
                       text_encoder_device=self._text_encoder_device)
         return self
+
+
+@dataclass(frozen=True)
+class _ImageInput:
+    """generate's checked image arguments (`image_input.open_image` results)."""
+
+    image: object
+    mask: object | None
+    strength: float
+    default_size: tuple[int, int]  # (height, width): the image's, rounded down to the size multiple
 
 
 @contextlib.contextmanager

@@ -14,9 +14,11 @@ from ldm_rt import __version__
 
 
 def png_info(*, prompt, negative_prompt: str, seed: int, steps: int, guidance: float, height: int, width: int,
-             model: str, backend: str, batch: tuple[int, int] | None = None) -> PngInfo:
+             model: str, backend: str, batch: tuple[int, int] | None = None, strength: float | None = None,
+             image: str | None = None, mask: str | None = None) -> PngInfo:
     """`batch` (index, size): the image's place in a batch drawn from one seed (all of a batch's
-    noise comes from one generator, so the image is reproduced by the same batch and seed)."""
+    noise comes from one generator, so the image is reproduced by the same batch and seed).
+    Image-to-image: `strength` and the input image's (and inpainting mask's) file name."""
     fields = {
         "prompt": str(prompt),
         "negative_prompt": negative_prompt,
@@ -29,10 +31,22 @@ def png_info(*, prompt, negative_prompt: str, seed: int, steps: int, guidance: f
     }
     if batch is not None:
         fields["batch_index"], fields["batch_size"] = str(batch[0]), str(batch[1])
+    if strength is not None:
+        fields["strength"] = f"{strength:g}"
+    if image is not None:
+        fields["init_image"] = image
+    if mask is not None:
+        fields["mask_image"] = mask
     pairs = [("Steps", steps), ("CFG scale", fields["guidance"]), ("Seed", seed), ("Size", fields["size"]),
              ("Model", model), ("Backend", backend)]
     if batch is not None:
         pairs += [("Batch size", batch[1]), ("Batch pos", batch[0])]
+    if strength is not None:  # AUTOMATIC1111 writes img2img's strength as "Denoising strength"
+        pairs.append(("Denoising strength", fields["strength"]))
+    if image is not None:
+        pairs.append(("Init image", image))
+    if mask is not None:
+        pairs.append(("Mask", mask))
     pairs.append(("Version", f"ldm-rt {__version__}"))
     parameters = str(prompt)
     if negative_prompt:

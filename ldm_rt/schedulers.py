@@ -14,6 +14,13 @@ every step and every schedule with the same key.
 - `FlowMatchEuler`: diffusers' `FlowMatchEulerDiscreteScheduler` (SD3/Flux rectified flow).
 - `DDIM`: diffusers' `DDIMScheduler` with eta = 0 (deterministic).
 
+Image-to-image (diffusers' img2img/inpaint pipelines): `img2img_start(strength)` is the first step
+index that `strength` keeps (diffusers' `get_timesteps`, whose rounding differs between the
+flow-matching pipelines and the DDPM-family ones: `flow_img2img_start`, `ddim_img2img_start`), and `add_noise(x0, noise, i)`
+noises clean latents to the level of step i's timestep: `FlowMatchEulerDiscreteScheduler.scale_noise`
+(x = sigma * noise + (1 - sigma) * x0) for flow matching, `DDIMScheduler.add_noise`
+(x = sqrt(a_t) x0 + sqrt(1 - a_t) noise) for DDIM. Both are pure, as `step` is.
+
 The schedules reproduce diffusers' `set_timesteps` op for op (same dtypes, same order), so
 `step` matches diffusers' `step(...).prev_sample` bit for bit on fp32 inputs.
 """
@@ -39,6 +46,10 @@ class Scheduler(Protocol):
     init_noise_sigma: float  # initial latents = init_noise_sigma * randn
 
     def step(self, latents: torch.Tensor, model_output: torch.Tensor, i: int) -> torch.Tensor: ...
+
+    def add_noise(self, sample: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor: ...
+
+    def img2img_start(self, strength: float) -> int: ...
 
     def coefficients(self, i: int) -> torch.Tensor: ...
 
@@ -129,6 +140,17 @@ class FlowMatchEuler:
 
     def step(self, latents: torch.Tensor, model_output: torch.Tensor, i: int) -> torch.Tensor:
         return self.update(latents, model_output, self.coefficients(i))
+
+    def add_noise(self, sample: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """Clean latents noised to step i's level (i in 0..num_steps; num_steps is sigma 0): diffusers'
+        `scale_noise(sample, timesteps[i], noise)`, same op order: sigma * noise + (1 - sigma) * sample."""
+        if not 0 <= i <= self.num_steps:
+            raise InputError(f"step index {i} is outside 0..{self.num_steps}.")
+        sigma = self.sigmas[i].to(device=sample.device, dtype=sample.dtype)
+        return sigma * noise + (1.0 - sigma) * sample
+
+    def img2img_start(self, strength: float) -> int:
+        return flow_img2img_start(self.num_steps, strength)
 
     def coefficients(self, i: int) -> torch.Tensor:
         """(1,) float32: dt = sigmas[i + 1] - sigmas[i] (negative)."""
@@ -237,6 +259,16 @@ class DDIM:
     def step(self, latents: torch.Tensor, model_output: torch.Tensor, i: int) -> torch.Tensor:
         return self.update(latents, model_output, self.coefficients(i))
 
+    def add_noise(self, sample: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """Clean latents noised to step i's timestep: diffusers' `add_noise(sample, noise, timesteps[i])`,
+        same op order: sqrt(a_t) * sample + sqrt(1 - a_t) * noise."""
+        _check_index(self, i)
+        a_t = self.alpha_prod[i].to(device=sample.device, dtype=sample.dtype)
+        return a_t**0.5 * sample + (1 - a_t) ** 0.5 * noise
+
+    def img2img_start(self, strength: float) -> int:
+        return ddim_img2img_start(self.num_steps, strength)
+
     def coefficients(self, i: int) -> torch.Tensor:
         """(2,) float32: alphas_cumprod at step i's timestep and at the one it steps to."""
         _check_index(self, i)
@@ -259,6 +291,44 @@ class DDIM:
         if self.clip_sample_range is not None:
             x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
         return (a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps).to(latents.dtype)
+
+
+# ----------------------------------------------------------------------------- image-to-image
+
+
+def check_strength(strength) -> float:
+    """`strength` as a float, or InputError unless 0 < strength <= 1 (diffusers accepts 0 and then
+    fails on an empty schedule; here 0 is refused up front, with the same fix)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise InputError(f"strength must be a number in (0, 1], got {strength!r}: 1 redraws the whole image, "
+                         "values near 0 keep it.")
+    return float(strength)
+
+
+def _img2img_start(num_steps: int, strength: float, init_timestep: float) -> int:
+    """t_start = int(max(n - init_timestep, 0)), diffusers' `get_timesteps`; InputError when the tail
+    it leaves is empty (diffusers raises too)."""
+    t_start = int(max(num_steps - init_timestep, 0))
+    if num_steps - t_start < 1:
+        raise InputError(f"strength {strength:g} with {num_steps} steps leaves no denoising step; "
+                         f"raise strength or steps (at least {math.ceil(1 / strength)} steps at this strength).")
+    return t_start
+
+
+def flow_img2img_start(num_steps: int, strength) -> int:
+    """First step index `strength` keeps, as diffusers' flow-matching img2img/inpaint pipelines
+    (FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ...): init_timestep = min(n * strength, n)
+    (a float: 0.3 x 20 keeps 6 steps, 0.33 x 20 keeps 20 - int(20 - 6.6) = 7)."""
+    strength = check_strength(strength)
+    return _img2img_start(num_steps, strength, min(num_steps * strength, num_steps))
+
+
+def ddim_img2img_start(num_steps: int, strength) -> int:
+    """First step index `strength` keeps, as diffusers' DDPM-family img2img/inpaint pipelines
+    (StableDiffusionImg2ImgPipeline, ...): init_timestep = min(int(n * strength), n) (floored: 0.33 x 20
+    keeps 6 steps; a strength below 1/n keeps none, an InputError)."""
+    strength = check_strength(strength)
+    return _img2img_start(num_steps, strength, min(int(num_steps * strength), num_steps))
 
 
 # ----------------------------------------------------------------------------- factory

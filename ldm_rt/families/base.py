@@ -25,6 +25,9 @@ What a family declares, and who asks:
 | `pack(config, noise)` / `unpack(config, latents, height, width)` | noise -> the transformer's token layout, and back before the VAE (identity for DiT; Flux packs 2x2 patches into 64-wide tokens) | `Pipeline.generate` |
 | `check_size(config, batch, height, width, guidance, device)` | the size/memory limits of a request (`ldm_rt.limits`) | `Pipeline.generate`, serve |
 | `scheduler(scheduler_config, steps, image_seq_len)` | the schedule (default: the config's scheduler class; Flux passes FluxPipeline's sigmas) | `Pipeline.denoise` |
+| `size_multiple(config)` | what image sides must be multiples of (an input image's size is rounded down to it) | `Pipeline.generate` (image-to-image) |
+| `encode_image(pipe, images, generator)` | pixels -> scaled VAE latents (B, C, h, w), before `pack` (default: `Pipeline.encode`, diffusers' `retrieve_latents` convention) | `Pipeline.generate` ("image_encoding" stage) |
+| `mask_latents(config, mask, shape)` | a pixel mask -> the VAE latents' layout, before `pack` (default: nearest-neighbour to the latent size, as diffusers' inpaint pipelines) | `Pipeline.generate` (inpainting) |
 | `image_seq_len(config, latents)` | image tokens, for a schedule that depends on them (dynamic shift) | `Pipeline.denoise` |
 | `step(pipe, scheduler, guidance, options)` | the pure denoising-step function (`StepFunction`) | `Pipeline.step` |
 | `export_specs(config)` | fp32 `ComponentSpec`s, one per exported graph, in export order | `export.specs.component_specs` |
@@ -38,6 +41,15 @@ a tensor bound before (`functools.partial`) and listed in `static`, so that the 
 `run_step` may capture it in one CUDA graph (triton) keyed by `(kind, static)`. `t` arrives
 expanded to `batch_factor * B` (2 for a CFG batch), `guidance` as a 0-d fp32 tensor, the
 scheduler's update is bound into `fn`. Latents stay fp32 between steps.
+
+**Image-to-image and inpainting are generic** (`Pipeline.generate(image=..., strength=...,
+mask_image=...)`): the pipeline encodes the image with `encode_image`, draws the noise after the
+VAE's sample from the same generator (diffusers' order), noises the packed image latents to the
+step `strength` selects (`scheduler.img2img_start`, `scheduler.add_noise`), runs the tail of the
+schedule, and for a mask blends the known region back after every step in the packed layout
+(`pack` of `mask_latents`). A family gets them by implementing `pack` (a permutation of the
+latents) and, where its size rule is not a multiple of VAE factor x patch size, nothing else:
+the default `size_multiple` asks `latent_shape`.
 
 **Seeding is generic**: the pipeline draws `torch.randn(latent_shape(...), generator=
 torch.Generator("cpu").manual_seed(seed))` in fp32 on the CPU, as diffusers does, then
@@ -64,6 +76,9 @@ torch.Generator("cpu").manual_seed(seed))` in fp32 on the CPU, as diffusers does
   CFG batch is doubled inside, from the conditioning's batch).
 - Defaults from the directory (`loading.run_defaults`): 4 steps / 256 tokens (schnell), 28 / 3.5 /
   512 (dev), size 1024; `backends = ("torch",)` until `export_specs` (another branch) lands.
+- image-to-image / inpainting (FluxImg2ImgPipeline / FluxInpaintPipeline): nothing beyond `pack`;
+  `size_multiple` is 16 through the default (it probes `latent_shape`); the mask is interpolated
+  to the latent size and packed like the latents (token grid), as diffusers does (not yet proven against FluxInpaintPipeline).
 
 Not yet generic (the Flux work extends them): the backends wrap `text_encoder`, `transformer`
 and `vae` (`backends.Runtime`), so the Flux family's T5 runs from `pipe.components` (eager, on
@@ -162,6 +177,31 @@ class Family:
                     f"(VAE factor {f} x patch size {p})."
                 )
         return (batch, config.transformer.in_channels, height // f, width // f)
+
+    def size_multiple(self, config) -> int:
+        """The multiple image sides must have: the smallest multiple of the VAE factor that
+        `latent_shape` takes (VAE factor x patch size for DiT; 16 for Flux's 2x2 packing)."""
+        f = config.vae.scale_factor
+        for k in range(1, 65):
+            try:
+                self.latent_shape(config, 1, k * f, k * f)
+            except InputError:
+                continue
+            return k * f
+        return f * getattr(config.transformer, "patch_size", 1)
+
+    def encode_image(self, pipe, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f) fp32 on `pipe.device`,
+        in the VAE's layout (before `pack`): `Pipeline.encode` (a sample of the latent distribution
+        drawn from `generator`, then `(z - shift_factor) * scaling_factor`)."""
+        return pipe.encode(images, generator)
+
+    def mask_latents(self, config, mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """mask (B, 1, H, W) in {0, 1} (1 = repaint) -> (B, C, h, w) with `shape`'s (C, h, w), in the
+        VAE latents' layout (before `pack`): `F.interpolate(mask, size=(h, w))` (nearest, diffusers'
+        FluxInpaintPipeline / StableDiffusion3InpaintPipeline), the same on every channel."""
+        m = torch.nn.functional.interpolate(mask, size=tuple(shape[-2:]))
+        return m.expand(-1, shape[1], -1, -1).contiguous()
 
     def pack(self, config, noise: torch.Tensor) -> torch.Tensor:
         """Drawn noise -> the transformer's latent layout (identity: the DiT patchifies inside)."""
