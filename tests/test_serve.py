@@ -12,12 +12,14 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from serve_helpers import HOST, Server, concurrently, generate, get, metric, png_array, pngs, request  # noqa: E402
 
+from ldm_rt.errors import InputError  # noqa: E402
 from ldm_rt.parity import IMAGE_PSNR_DB, psnr  # noqa: E402
 
 # max-queue 3 < max-batch 4: a burst fills the queue before a batch leaves (test_burst_gets_429)
@@ -254,3 +256,22 @@ def test_load_bench_runs(tiny_model_dir, tmp_path):
                for r in rows.values())
     assert rows[("unbatched", 3)]["mean_batch"] == 1.0
     assert (tmp_path / "results.json").is_file() and len(result["table"]) == 2 + 4
+
+
+def test_engine_serves_a_flux_directory(tmp_path):
+    """The service asks the model's family for its size checks, so a FLUX.1 directory serves too
+    (engine only, no server: the HTTP layer is family-blind)."""
+    from click.testing import CliRunner
+
+    from ldm_rt.cli import main
+    from ldm_rt.serve.engine import Engine
+
+    assert CliRunner().invoke(main, ["init-model", str(tmp_path / "m"), "--preset", "flux-tiny"]).exit_code == 0
+    engine = Engine(tmp_path / "m")
+    engine.load()
+    with pytest.raises(InputError, match="multiple of 16"):
+        engine.check("a cat", size="40x40")
+    report = engine.run_batch([engine.check("a cat", n=2, size="48x32", seed=3, steps=2)])
+    outcome = report.outcomes[0]
+    assert outcome.error is None and len(outcome.pngs) == 2
+    assert Image.open(io.BytesIO(outcome.pngs[0])).size == (48, 32)

@@ -99,7 +99,7 @@ class Engine:
         """One image at the default size and steps (first calls allocate, compile, capture)."""
         start = time.perf_counter()
         vocabulary = self.pipe.defaults.get("vocabulary")  # a word the model knows: no warning
-        prompt = "0" if self.pipe.config.transformer.class_conditional else (vocabulary[0] if vocabulary else "a")
+        prompt = "0" if getattr(self.pipe.config.transformer, "class_conditional", False) else (vocabulary[0] if vocabulary else "a")
         self.pipe.generate(prompt, seed=0)
         log.info("warm-up in %.2f s", time.perf_counter() - start)
 
@@ -108,7 +108,6 @@ class Engine:
     def check(self, prompt, n=1, size=None, seed=None, steps=None, guidance=None, negative_prompt=None) -> ImageRequest:
         """The pipeline's own checks (InputError with one sentence), before the request is queued,
         so that one bad request never fails the batch it would have joined."""
-        from ldm_rt.limits import check_size
         from ldm_rt.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
         from ldm_rt.seeds import resolve_seed
 
@@ -132,7 +131,7 @@ class Engine:
             raise InputError(f"steps must be a whole number >= 1, got {steps}.")
         if not guidance >= 0 or guidance == float("inf"):
             raise InputError(f"guidance must be a finite number >= 0, got {guidance}.")
-        if pipe.config.transformer.class_conditional:
+        if getattr(pipe.config.transformer, "class_conditional", False):
             from ldm_rt.imagenet import class_index
 
             class_index(prompt, pipe.config.transformer.num_classes)
@@ -140,7 +139,7 @@ class Engine:
                 raise InputError("a class-conditional model takes no negative prompt: guidance steers away from "
                                  "the null class.")
         seed = resolve_seed(seed)  # 0..2**64-1; none given: a fresh one, as `run` without --seed
-        check_size(pipe.config, n, height, width, guidance > 1.0, pipe.device)  # the limit `run` applies
+        pipe.family.check_size(pipe.config, n, height, width, guidance, pipe.device)  # the limit `run` applies
         return ImageRequest(prompt, n, height, width, seed, int(steps), guidance, negative_prompt or None)
 
     # -- generation (the model thread) ------------------------------------------------------------
