@@ -120,12 +120,18 @@ def _spec_dict(spec: ComponentSpec) -> dict:
     def tensors(ts):
         return [{"name": t.name, "dtype": t.dtype_name, "dims": list(t.dims)} for t in ts]
 
-    return {
+    entry = {
         "inputs": tensors(spec.inputs),
         "outputs": tensors(spec.outputs),
         "dynamic_axes": {t.name: t.dynamic_axes for t in spec.inputs + spec.outputs if t.dynamic_axes},
         "multiple_of": dict(spec.multiple_of),
     }
+    # TensorRT profile rules, where the spec declares them (absent: the manifest and the file
+    # hashes of the graphs that declare none stay as they were)
+    if spec.profile_dims or spec.profile_batch is not None:
+        entry["profile"] = {"dims": {k: dict(v) for k, v in spec.profile_dims.items()},
+                            "batch": None if spec.profile_batch is None else list(spec.profile_batch)}
+    return entry
 
 
 def _dynamic_shapes(spec: ComponentSpec, static: bool) -> tuple | None:
@@ -159,23 +165,41 @@ def _module_in(spec: ComponentSpec, parts) -> nn.Module:
     """The component's module in the spec's dtype; a cast works on a copy, never on `parts`."""
     module = spec.module(parts).eval()
     if any(p.dtype != spec.dtype for p in module.parameters() if p.is_floating_point()):
-        module = copy.deepcopy(module).to(spec.dtype)
+        module = copy.deepcopy(module)
+        module = spec.cast(module, spec.dtype) if spec.cast is not None else module.to(spec.dtype)
     return module
 
 
 def check_static(config, static: StaticShape) -> tuple[int, int]:
-    """Image size in pixels -> latent size, or an InputError naming the multiple it must be."""
+    """Image size in pixels -> latent size, or an InputError naming the multiple it must be (the
+    family's `size_multiple`: VAE factor x patch size for a DiT, x 2 for FLUX.1's 2x2 packing)."""
+    from ldm_rt import families
+
     f = config.vae.scale_factor
-    multiple = f * config.transformer.patch_size
+    multiple = families.for_config(config).size_multiple(config)
     if static.batch < 1:
         raise InputError(f"--batch {static.batch} must be >= 1.")
+    p = config.transformer.patch_size
+    why = f"VAE factor {f} x patch size {p}" if multiple == f * p else f"VAE factor {f} x {multiple // f} latents"
     for name, value in (("height", static.height), ("width", static.width)):
         if value < multiple or value % multiple:
             raise InputError(
                 f"--{name} {value} is not a size this model can take: it must be a positive multiple of "
-                f"{multiple} (VAE factor {f} x patch size {config.transformer.patch_size})."
+                f"{multiple} ({why})."
             )
     return static.height // f, static.width // f
+
+
+def image_geometry(config) -> dict:
+    """The manifest's image entry: what TensorRT profiles (export/tensorrt.py) turn pixel sizes into
+    latent sizes with, asked of the model's family (a FLUX.1 transformer has no sample_size)."""
+    from ldm_rt import families
+
+    family = families.for_config(config)
+    f = config.vae.scale_factor
+    return {"vae_scale_factor": f, "patch_size": config.transformer.patch_size,
+            "sample_size": family.default_size(config) // f,  # the default latent side
+            "size_multiple": family.size_multiple(config)}  # image sides are multiples of this (pixels)
 
 
 def read_manifest(out_dir: str | Path) -> dict | None:
@@ -199,7 +223,7 @@ def _initializer_bytes(program) -> int:
 def export_model(
     model_dir_or_components,
     out_dir: str | Path,
-    components: Iterable[str] = COMPONENT_NAMES,
+    components: Iterable[str] | None = None,
     dtype: str = "fp32",
     opset: int | None = None,
     static: StaticShape | None = None,
@@ -207,7 +231,9 @@ def export_model(
     log: Callable[[str], None] = _log,
     digests: dict[str, str] | None = None,
 ) -> dict:
-    """Export the chosen components into `out_dir`; returns the manifest written there.
+    """Export the chosen components (None: every graph the model's family declares, e.g. FLUX.1's
+    text_encoder, text_encoder_2, transformer, vae_decoder) into `out_dir`; returns the manifest
+    written there.
 
     `digests` (from `component_digests`) saves re-hashing the weights when the caller has them.
     """
@@ -225,8 +251,8 @@ def export_model(
             raise InputError(f"--opset {opset} cannot hold a bf16 graph (ONNX Conv takes bfloat16 from opset "
                              f"{BF16_MIN_OPSET}); use --opset {BF16_MIN_OPSET} or leave it out.")
         opset = BF16_MIN_OPSET if opset is None else opset
-    names = list(dict.fromkeys(components))
-    if not names:
+    names = None if components is None else list(dict.fromkeys(components))
+    if names is not None and not names:
         raise InputError(f"no component to export; choose from {', '.join(COMPONENT_NAMES)}.")
     parts = (
         load_model_dir(model_dir_or_components)
@@ -235,6 +261,7 @@ def export_model(
     )
     out_dir = Path(out_dir).expanduser()
     specs = component_specs(parts.config, dtype)  # the graphs the model's family declares
+    names = list(specs) if names is None else names
     unknown = [n for n in names if n not in specs and n not in COMPONENT_NAMES]
     if unknown:
         raise InputError(f"unknown component(s) {unknown}; choose from {', '.join(specs)}.")
@@ -244,6 +271,11 @@ def export_model(
         raise InputError(f"this model has no {', '.join(absent)} graph; it exports {', '.join(specs)}.")
     if static is not None:
         latent_hw = check_static(parts.config, static)
+        for name in names:  # a static graph fixes every dim from batch and image size: a text length is none
+            fixed = [d for d, rule in specs[name].profile_dims.items() if "grid" not in rule]
+            if fixed:
+                raise InputError(f"--static cannot fix the {', '.join(fixed)} axis of {name} (no image size gives it); "
+                                 "export this model without --static.")
     writable_dir(out_dir)
 
     versions = _versions()
@@ -342,9 +374,7 @@ def export_model(
         "static": None if static is None else static.__dict__,
         "source_sha256": source,
         # Image geometry: TensorRT profiles (export/tensorrt.py) turn pixel sizes into latent sizes with it.
-        "image": {"vae_scale_factor": parts.config.vae.scale_factor,
-                  "patch_size": parts.config.transformer.patch_size,
-                  "sample_size": getattr(parts.config.transformer, "sample_size", None)},  # None: no default side
+        "image": image_geometry(parts.config),
         "sha256": hashlib.sha256(json.dumps(
             {n: e["sha256"] for n, e in sorted(entries.items())}).encode()).hexdigest(),
         "components": dict(sorted(entries.items())),

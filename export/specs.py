@@ -51,6 +51,17 @@ class ComponentSpec:
     latent: bool = False  # takes latents: height/width are latent sizes and may be dynamic
     dtype: torch.dtype = torch.float32  # of the exported weights (the module is cast to it)
     source: str = ""  # the Components module the graph is made from (its weights hash); "": `name`
+    # TensorRT profiles (export/tensorrt.py), written into the manifest when declared:
+    # - `profile_dims`: symbolic dims other than batch/height/width, each {"grid": k} (the
+    #   (height/k) * (width/k) tokens of a k x k patch grid of the latents, at each profile point)
+    #   or {"min": a, "opt": b, "max": c} (sizes no image size gives: a text length);
+    # - `profile_batch`: rows per image at (min, opt, max); None: (1, 2, 2) for the graphs a DiT
+    #   runs on the CFG batch (`export.tensorrt.CFG_BATCHED`), else (1, 1, 1).
+    profile_dims: dict[str, dict[str, int]] = field(default_factory=dict)
+    profile_batch: tuple[int, int, int] | None = None
+    # How the module (a copy) is cast to `dtype` for export; None: `module.to(dtype)`. T5 keeps its
+    # FFN output projections fp32 in fp16, as transformers loads it (`models.t5.to_inference_dtype`).
+    cast: Callable[[nn.Module, torch.dtype], nn.Module] | None = None
 
     @property
     def source_module(self) -> str:

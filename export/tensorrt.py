@@ -105,11 +105,17 @@ class Geometry:
     vae_scale_factor: int
     patch_size: int
     sample_size: int  # the model's default latent side
+    size_multiple: int | None = None  # pixels; None: VAE factor x patch size (FLUX.1: 16, its 2x2 packing)
 
     @property
     def multiple(self) -> int:
-        """Image sides must be multiples of this (VAE factor x patch size)."""
-        return self.vae_scale_factor * self.patch_size
+        """Image sides must be multiples of this (VAE factor x patch size for a DiT)."""
+        return self.size_multiple or self.vae_scale_factor * self.patch_size
+
+    @property
+    def why_multiple(self) -> str:
+        f, p = self.vae_scale_factor, self.patch_size
+        return f"VAE factor {f} x patch size {p}" if self.multiple == f * p else f"VAE factor {f} x {self.multiple // f} latents"
 
     @property
     def default_pixels(self) -> int:
@@ -117,7 +123,12 @@ class Geometry:
 
     @classmethod
     def from_config(cls, config) -> Geometry:
-        return cls(config.vae.scale_factor, config.transformer.patch_size, config.transformer.sample_size)
+        """Asked of the model's family (its default size and size multiple), as `ldm-rt export`
+        writes the manifest's image entry (`onnx_export.image_geometry`)."""
+        from ldm_rt.export.onnx_export import image_geometry
+
+        image = image_geometry(config)
+        return cls(image["vae_scale_factor"], image["patch_size"], image["sample_size"], image["size_multiple"])
 
     @classmethod
     def from_manifest(cls, manifest: dict, where: str = "the manifest") -> Geometry:
@@ -127,7 +138,9 @@ class Geometry:
                 f"{where} has no image geometry (it predates TensorRT support); re-export with `ldm-rt export`."
             )
         try:
-            return cls(int(image["vae_scale_factor"]), int(image["patch_size"]), int(image["sample_size"]))
+            multiple = image.get("size_multiple")  # absent in manifests written before it: the DiT rule
+            return cls(int(image["vae_scale_factor"]), int(image["patch_size"]), int(image["sample_size"]),
+                       None if multiple is None else int(multiple))
         except (KeyError, TypeError, ValueError):
             raise ModelDirError(f"{where} has a malformed 'image' entry {image!r}; re-export it.") from None
 
@@ -186,7 +199,7 @@ def profile_points(
             if key in values and values[key] % geometry.multiple:
                 raise InputError(
                     f"--{name} {key}={values[key]} is not a size this model can take: it must be a multiple of "
-                    f"{geometry.multiple} (VAE factor {geometry.vae_scale_factor} x patch size {geometry.patch_size})."
+                    f"{geometry.multiple} ({geometry.why_multiple})."
                 )
     points: dict[str, dict[str, int]] = {}
     for key in ("batch", "height", "width"):
@@ -238,22 +251,39 @@ def _resolve(dim, env: Mapping[str, int]) -> int:
     return env[symbol] * (int(factor) if factor else 1)
 
 
+def _dim_env(entry: dict, point_name: str, point: Point, geometry: Geometry, rows: int, static: bool) -> dict[str, int]:
+    """The sizes of one manifest entry's symbolic dims at one profile point: batch (images x
+    `rows`), latent height/width, and the entry's declared dims (`ComponentSpec.profile_dims`)."""
+    f = geometry.vae_scale_factor
+    env = {"batch": point.batch * rows, "height": point.height // f, "width": point.width // f}
+    for symbol, rule in (entry.get("profile") or {}).get("dims", {}).items():
+        if "grid" in rule:  # tokens of a k x k patch grid of the latents
+            k = int(rule["grid"])
+            env[symbol] = (env["height"] // k) * (env["width"] // k)
+        elif static:  # `export_model` refuses a static export of such a dim
+            raise ModelDirError(f"the static manifest has a dim {symbol!r} no image size gives; re-export it.")
+        else:
+            env[symbol] = int(rule[point_name])
+    return env
+
+
+def _rows(name: str, entry: dict) -> dict[str, int]:
+    """Rows per image at min/opt/max: the entry's `profile.batch`, else (1, 2, 2) for a DiT's
+    CFG-batched graphs (`CFG_BATCHED`) and (1, 1, 1) for the others."""
+    declared = (entry.get("profile") or {}).get("batch")
+    rows = declared if declared is not None else ((1, 2, 2) if name in CFG_BATCHED else (1, 1, 1))
+    return dict(zip(PROFILE_POINTS, (int(r) for r in rows)))
+
+
 def component_profile(
-    name: str, entry: dict, points: Mapping[str, Point], geometry: Geometry
+    name: str, entry: dict, points: Mapping[str, Point], geometry: Geometry, static: bool = False
 ) -> dict[str, dict[str, list[int]]]:
-    """{input name: {'min': shape, 'opt': shape, 'max': shape}} for one manifest component entry."""
-    profile: dict[str, dict[str, list[int]]] = {}
-    for tensor in entry["inputs"]:
-        shapes = {}
-        for point_name, point in points.items():
-            batch = point.batch
-            if name in CFG_BATCHED and point_name != "min":
-                batch *= 2
-            env = {"batch": batch, "height": point.height // geometry.vae_scale_factor,
-                   "width": point.width // geometry.vae_scale_factor}
-            shapes[point_name] = [_resolve(d, env) for d in tensor["dims"]]
-        profile[tensor["name"]] = shapes
-    return profile
+    """{input name: {'min': shape, 'opt': shape, 'max': shape}} for one manifest component entry.
+    `static`: every point is the export's one shape, one row per image (no CFG doubling)."""
+    rows = dict.fromkeys(PROFILE_POINTS, 1) if static else _rows(name, entry)
+    envs = {p: _dim_env(entry, p, point, geometry, rows[p], static) for p, point in points.items()}
+    return {tensor["name"]: {p: [_resolve(d, envs[p]) for d in tensor["dims"]] for p in points}
+            for tensor in entry["inputs"]}
 
 
 def manifest_profiles(
@@ -279,7 +309,7 @@ def manifest_profiles(
         point = Point(int(static["batch"]), int(static["height"]), int(static["width"]))
         # A static export ran every component at the same batch (no CFG doubling): see export_model.
         return {
-            name: component_profile("static", entry, {p: point for p in PROFILE_POINTS}, geometry)
+            name: component_profile(name, entry, {p: point for p in PROFILE_POINTS}, geometry, static=True)
             for name, entry in manifest["components"].items()
         }
     points = profile_points(geometry, min, opt, max)

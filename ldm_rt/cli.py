@@ -198,13 +198,15 @@ def init_model_cmd(directory, preset, seed, dtype, overwrite):
     click.echo(f"wrote {preset} model (seed {seed}, {dtype}) to {path}")
 
 
-EXPORT_MODELS = {"dit": ("transformer",), "text-encoder": ("text_encoder",), "vae": ("vae_decoder",),
-                 "all": ("text_encoder", "transformer", "vae_decoder")}
+# --model aliases -> graph names; "all" (None): every graph the model's family declares. Any graph
+# name the family declares (e.g. text_encoder_2 of FLUX.1) is taken as itself.
+EXPORT_MODELS = {"dit": ("transformer",), "text-encoder": ("text_encoder",), "vae": ("vae_decoder",), "all": None}
 
 
 @main.command("export")
-@click.option("--model", "which", type=click.Choice(list(EXPORT_MODELS)), required=True,
-              help="Component to export (dit, text-encoder, vae) or all.")
+@click.option("--model", "which", default="all", show_default=True,
+              help="Graph to export: dit, text-encoder, vae, a graph name of the model's family (text_encoder_2), "
+                   "or all (every graph the model has).")
 @click.option("--model-dir", type=click.Path(path_type=Path), default=None,
               help="Model directory (diffusers layout). Default: the built-in demo model.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
@@ -222,14 +224,17 @@ def export_cmd(which, model_dir, out, dtype, opset, static, height, width, batch
 
     if not static and (height, width, batch) != (None, None, None):
         raise InputError("--height, --width and --batch only apply with --static.")
+    from ldm_rt import families
+
     components = load_model_dir(model_dir or default_model_dir())
     shape = None
     if static:
-        size = components.config.transformer.sample_size * components.config.vae.scale_factor
+        size = families.for_config(components.config).default_size(components.config)
         shape = StaticShape(1 if batch is None else batch, size if height is None else height,
                             size if width is None else width)
-    export_model(components, out, EXPORT_MODELS[which], dtype=dtype, opset=opset, static=shape)
-    click.echo(f"{out}: {', '.join(EXPORT_MODELS[which])} and manifest.json")
+    names = EXPORT_MODELS.get(which, (which,))
+    manifest = export_model(components, out, names, dtype=dtype, opset=opset, static=shape)
+    click.echo(f"{out}: {', '.join(names or manifest['components'])} and manifest.json")
 
 
 @main.command("build-engine")
@@ -278,12 +283,15 @@ def build_engine_cmd(onnx_dir, out, fp16, bf16, strongly_typed, min_, opt, max_,
               help="Run this `ldm-rt export` directory's graphs instead of exporting into the cache.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs and the image.")
 @click.option("--steps", type=int, default=2, show_default=True, help="Denoising steps of the end-to-end image.")
+@click.option("--height", type=int, default=None, help="Image height in pixels (default: the model's).")
+@click.option("--width", type=int, default=None, help="Image width in pixels (default: the height, or the model's).")
 @click.pass_context
-def parity_cmd(ctx, model_dir, backend, dtype, device, onnx_dir, seed, steps):
+def parity_cmd(ctx, model_dir, backend, dtype, device, onnx_dir, seed, steps, height, width):
     """Compare a backend with the fp32 torch reference: per component, then the image (exit 1 on a failure)."""
     from ldm_rt.parity_run import format_report, run_parity
 
-    report = run_parity(model_dir, backend, dtype=dtype, device=device, onnx_dir=onnx_dir, seed=seed, steps=steps)
+    report = run_parity(model_dir, backend, dtype=dtype, device=device, onnx_dir=onnx_dir, seed=seed, steps=steps,
+                        height=height, width=width)
     for line in format_report(report):
         click.echo(line)
     if not report.passed:

@@ -79,6 +79,23 @@ def _static_shape(onnx_dir) -> dict | None:
     return None if onnx_dir is None else (read_manifest(onnx_dir) or {}).get("static")
 
 
+def _backend_call(pipe, spec, dtype: Precision):
+    """What the backend runs for one export spec: the transformer through the backend's transformer
+    (by input name: a family's transformer takes its own conditioning inputs; the triton backend
+    swaps its kernels in there), every other graph as the backend holds it (`pipe.graphs`, on the
+    backends that run exported graphs), else the spec's reference module as the backend placed it
+    (torch, triton)."""
+    if spec.name == "transformer":
+        return pipe.transformer
+    if spec.name in pipe.graphs:
+        return pipe.graphs[spec.name]
+    module = spec.module(pipe.components)
+    weight = next(module.parameters())
+    if weight.device != pipe.device or weight.dtype != dtype.dtype:
+        module.to(device=pipe.device, dtype=dtype.dtype)
+    return module
+
+
 def run_parity(
     model_dir: str | Path | None = None,
     backend: str = "onnxruntime",
@@ -88,11 +105,15 @@ def run_parity(
     seed: int = 0,
     steps: int = 2,
     polygraphy: bool | None = None,
+    height: int | None = None,
+    width: int | None = None,
 ) -> ParityReport:
     """Run every component and one image through `backend` and the fp32 torch reference.
 
     Without `model_dir`, the built-in demo model (its error says what to do when it is absent).
     `onnx_dir`: run that export's graphs (onnxruntime) instead of exporting into the cache.
+    `height`/`width`: the image size in pixels (default: the model's), whose latent size (one side a
+    size step narrower) the components' inputs take too.
     `polygraphy`: also judge each output with polygraphy's comparator (`export/tensorrt.py`
     `compare_with_polygraphy`); None: for the tensorrt backend only.
     """
@@ -111,20 +132,28 @@ def run_parity(
     pipe = Pipeline(load_model_dir(path), backend=backend, device=dev, dtype=precision, onnx_dir=onnx_dir)
 
     config = reference.config
-    p, f = config.transformer.patch_size, config.vae.scale_factor
+    family = pipe.family
+    f = config.vae.scale_factor
+    ref_pipe = Pipeline(reference, backend="torch", device="cpu", dtype="fp32")
+    width = width or height
+    if height is not None:
+        family.latent_shape(config, 1, height, width)  # InputError on a size the model cannot take
     static = _static_shape(onnx_dir)
     if static is not None:
         shape = (static["batch"], static["height"] // f, static["width"] // f)
-    else:  # batch 2 (one CFG pair), the model's latent size, one side a patch narrower: non-square
-        s = config.transformer.sample_size
-        shape = (2, s, s - p if s > p else s)
+    else:  # batch 2 (one CFG pair), the latent size (the model's default), one side a size step narrower
+        m = family.size_multiple(config) // f  # latent multiple (the DiT's patch size; 2 for Flux's packing)
+        h, w = (height // f, width // f) if height is not None else (ref_pipe.default_size // f,) * 2
+        shape = (2, h, w - m if w > m else w)
+    height = height or ref_pipe.defaults.get("height", ref_pipe.default_size)  # the image's size
+    width = width or ref_pipe.defaults.get("width", height)
     report = ParityReport(backend, str(dev), precision.value, seed, shape)
 
     vae_dtype = Precision.parse(pipe.vae_dtype)
-    calls = {"text_encoder": pipe.text_encoder, "transformer": pipe.transformer, "vae_decoder": pipe.vae.decode}
     specs = component_specs(config, precision.value)
     for i, (name, spec) in enumerate(specs.items()):
         run_dtype = vae_dtype if name == "vae_decoder" else precision
+        call = _backend_call(pipe, spec, run_dtype)
         # In the backend's dtype (timestep stays fp32, as in the specs); the reference gets the
         # same rounded values in fp32, so a row measures the computation, not the input rounding.
         inputs = [x.to(run_dtype.dtype) if x.is_floating_point() and t.name not in _FP32_ALWAYS else x
@@ -133,7 +162,7 @@ def run_parity(
         with torch.no_grad():
             # The DiT by input name (the spec's names are the backends' parameter names): a text- and
             # a class-conditional DiT take different conditioning inputs.
-            outs = calls[name](**dict(zip(spec.input_names, args))) if name == "transformer" else calls[name](*args)
+            outs = call(**dict(zip(spec.input_names, args))) if name == "transformer" else call(*args)
             refs = spec.module(reference)(*[x.float() if x.is_floating_point() else x for x in inputs])
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
         refs = refs if isinstance(refs, (tuple, list)) else (refs,)
@@ -153,9 +182,6 @@ def run_parity(
         report.notes.append(f"end-to-end image skipped: the export is static (batch {static['batch']}), "
                             "and the pipeline needs the CFG batch and the image batch")
         return report
-    ref_pipe = Pipeline(reference, backend="torch", device="cpu", dtype="fp32")
-    height = width = ref_pipe.defaults.get("height", ref_pipe.default_size)
-    width = ref_pipe.defaults.get("width", width)
     kwargs = dict(steps=steps, seed=seed, height=height, width=width)
     prompt = ref_pipe.family.sample_prompts(config, 1)[0]  # text, or a class index
     expected = np.array(ref_pipe.generate(prompt, **kwargs).images[0])
@@ -174,7 +200,7 @@ def format_report(report: ParityReport) -> list[str]:
     lines = [
         f"parity: backend {report.backend} ({report.device}, {report.dtype}) against the torch reference "
         f"(cpu, fp32); seed {report.seed}, batch {b}, latent {h}x{w}",
-        f"{'component':<13} {'output':<18} {'dtype':<5} {'rel-L2':>9} {'max-abs':>9}  "
+        f"{'component':<14} {'output':<18} {'dtype':<5} {'rel-L2':>9} {'max-abs':>9}  "
         f"{'tolerance (rel-L2 / max-abs)':<28} result",
     ]
     for row in report.rows:
@@ -183,7 +209,7 @@ def format_report(report: ParityReport) -> list[str]:
         if row.polygraphy is not None:
             verdict += f", polygraphy {'pass' if row.polygraphy else 'FAIL'}"
         tolerance = f"{r.tolerance.rel_l2:.0e} / {r.tolerance.max_abs:.0e}"
-        lines.append(f"{row.component:<13} {row.output:<18} {row.dtype:<5} {r.rel_l2:>9.2e} {r.max_abs:>9.2e}  "
+        lines.append(f"{row.component:<14} {row.output:<18} {row.dtype:<5} {r.rel_l2:>9.2e} {r.max_abs:>9.2e}  "
                      f"{tolerance:<28} {verdict}")
     if report.image is not None:
         im = report.image

@@ -95,7 +95,8 @@ class Pipeline:
     `Pipeline.from_pretrained(path)`.
 
     Attributes: `text_encoder`, `transformer`, `vae` (backend callables with the reference
-    modules' signatures), `tokenizer`, `scheduler` (the scheduler config dict from
+    modules' signatures), `graphs` (every exported graph by spec name, on the backends that run
+    graphs; empty on torch and triton, see `ldm_rt.backends`), `tokenizer`, `scheduler` (the scheduler config dict from
     `scheduler/scheduler_config.json`; a fresh pure scheduler is made from it for each call),
     `family` (the model's `Family`), and the family's own helpers (`Family.pipeline_methods`:
     `encode_prompt` for a text DiT, `denoise_class` for a class DiT).
@@ -128,6 +129,10 @@ class Pipeline:
         self.vae = runtime.vae
         self.vae_dtype = runtime.vae_dtype
         self.run_step = runtime.run_step
+        self.graphs = runtime.graphs  # spec name -> graph, on backends that run exported graphs
+        if self.graphs and self.text_encoder_device != self.device:
+            raise InputError(f"text_encoder_device {self.text_encoder_device} applies where the reference text encoders "
+                             f"run (backend torch); backend {backend} runs their graphs on {self.device}.")
         self.tokenizer = components.tokenizer
         self.scheduler = dict(components.scheduler_config)
         for name, method in self.family.pipeline_methods(self).items():

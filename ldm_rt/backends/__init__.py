@@ -7,6 +7,13 @@ signatures, so the pipeline never asks which backend it holds:
 - transformer(latents, timestep, text_states, text_mask, pooled) -> prediction
 - vae.decode(latents) -> image in [-1, 1]
 
+`graphs`: one callable per export spec the model's family declares (`Family.export_specs`), by
+the spec's name, taking the spec's inputs in its order and returning its outputs (a list in the
+spec's order), for a family whose encoding goes beyond these three (FLUX.1's second text encoder,
+T5). A backend that runs exported graphs (onnxruntime, tensorrt) fills it with every graph; one
+that runs the reference modules (torch, triton) leaves it empty, and the family calls its
+reference modules itself (where it places them: `Pipeline(text_encoder_device=...)`).
+
 and a `run_step(key, step, *tensors)` through which the pipeline runs each denoising step (the
 DiT call, the CFG combination and the scheduler update, as one pure function `step`): eager by
 default, replayed from a CUDA graph by the triton backend. `key` names everything about `step`
@@ -16,7 +23,7 @@ one capture per (key, input shapes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -45,6 +52,7 @@ class Runtime:
     vae: Any  # has .decode(z)
     vae_dtype: torch.dtype  # what decode() takes: fp32 when the VAE config forces an upcast
     run_step: Callable[..., torch.Tensor] = eager_step
+    graphs: dict[str, Callable[..., list[torch.Tensor]]] = field(default_factory=dict)  # spec name -> graph
 
 
 # Backends that run exported graphs and so can take a user's export (`onnx_dir`).

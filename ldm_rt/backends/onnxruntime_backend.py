@@ -118,9 +118,9 @@ class _TextEncoder:
     def __init__(self, graph: OrtComponent):
         self.graph = graph
 
-    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        states, pooled = self.graph(input_ids)
-        return states, pooled
+    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The graph's outputs as a tuple: (last_hidden_state, pooled) for a DiT's text encoder."""
+        return tuple(self.graph(input_ids))
 
 
 class _Transformer:
@@ -131,14 +131,24 @@ class _Transformer:
     def __init__(self, graph: OrtComponent):
         self.graph = graph
 
-    def __call__(self, latents, timestep, *args, **kwargs):
-        if timestep.dim() == 0:
-            timestep = timestep.expand(latents.shape[0])
+    def __call__(self, *args, **kwargs):
         names = self.graph.spec.input_names
-        feeds = {**dict(zip(names, (latents, timestep, *args))), **kwargs}
+        # Positional arguments beyond the graph's inputs are None (FLUX.1's guidance of a model
+        # without a guidance embedder: the graph has no such input).
+        extra = [a for a in args[len(names):] if a is not None]
+        if extra:
+            raise InputError(f"{self.graph.spec.name} takes {len(names)} inputs ({', '.join(names)}), "
+                             f"got {len(args)}.")
+        feeds = {**dict(zip(names, args)), **kwargs}
+        timestep = feeds.get("timestep")
+        if timestep is not None and timestep.dim() == 0:  # a scalar timestep: one per row
+            feeds["timestep"] = timestep.expand(feeds[names[0]].shape[0])
         if "text_mask" in names and feeds.get("text_mask") is None:  # no mask: every token attends
             states = feeds["text_states"]
             feeds["text_mask"] = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        missing = [n for n in names if feeds.get(n) is None]
+        if missing:
+            raise InputError(f"{self.graph.spec.name} needs input(s) {', '.join(missing)}.")
         return self.graph(*[feeds[n] for n in names])[0]
 
 
@@ -180,7 +190,8 @@ def check(device: torch.device, precision: Precision) -> list:
 
 
 def load(components, device: torch.device, precision: Precision, onnx_dir: str | Path | None = None) -> Runtime:
-    """The three graphs as backend callables: from `onnx_dir` when given (checked against the
+    """Every graph the family declares as backend callables (`Runtime.graphs`; the text encoder,
+    transformer and VAE decoder also in the reference modules' signatures): from `onnx_dir` when given (checked against the
     model by `open_onnx_dir`), else exported on first use into the cache."""
     from ldm_rt.export.onnx_dir import open_onnx_dir
     from ldm_rt.export.onnx_export import component_digests, export_model
@@ -209,4 +220,5 @@ def load(components, device: torch.device, precision: Precision, onnx_dir: str |
         transformer=_Transformer(graphs["transformer"]),
         vae=_VAE(graphs["vae_decoder"]),
         vae_dtype=specs["vae_decoder"].inputs[0].dtype,  # fp32 in fp16 when the VAE config forces an upcast
+        graphs=graphs,
     )

@@ -216,4 +216,5 @@ def load(components, device: torch.device, precision: Precision) -> Runtime:
         transformer=_Transformer(parts["transformer"]),
         vae=_VAE(parts["vae_decoder"]),
         vae_dtype=parts["vae_decoder"].dtypes["latents"],
+        graphs=parts,
     )

@@ -65,7 +65,8 @@ torch.Generator("cpu").manual_seed(seed))` in fp32 on the CPU, as diffusers does
 - `prepare`: true CFG only with a negative prompt and `true_cfg_scale` > 1; `encode` warns that
   `guidance` is ignored when the transformer has no guidance embedder (schnell), and returns
   T5 states (B, 256|512, 4096) + CLIP pooled (B, 768) + `txt_ids` zeros (L, 3), [negative; prompt]
-  with true CFG. The text encoders run from `pipe.components` on `pipe.text_encoder_device`.
+  with true CFG. The text encoders run through the backend's graphs (`pipe.graphs`: onnxruntime,
+  tensorrt), else from `pipe.components` on `pipe.text_encoder_device` (torch).
 - `latent_shape`: (B, 16, H/8, W/8) with sizes multiples of 16; `pack`: diffusers'
   `_pack_latents` kept as a token grid (B, h/2, w/2, 64), so the step derives the `img_ids` from
   the shape (the conditioning is encoded before the size is known); `unpack` the inverse.
@@ -75,15 +76,26 @@ torch.Generator("cpu").manual_seed(seed))` in fp32 on the CPU, as diffusers does
   guidance fed to the guidance embedder (dev) instead of a CFG batch; `batch_factor = 1` (a true
   CFG batch is doubled inside, from the conditioning's batch).
 - Defaults from the directory (`loading.run_defaults`): 4 steps / 256 tokens (schnell), 28 / 3.5 /
-  512 (dev), size 1024; `backends = ("torch",)` until `export_specs` (another branch) lands.
+  512 (dev), size 1024; `backends = ("torch", "onnxruntime", "tensorrt")` (triton: another branch).
+- `export_specs` (`specs.py`): text_encoder (CLIP pooled), text_encoder_2 (T5), transformer
+  (dynamic tokens, RoPE in the graph), vae_decoder, with their TensorRT profile rules.
 - image-to-image / inpainting (FluxImg2ImgPipeline / FluxInpaintPipeline): nothing beyond `pack`;
   `size_multiple` is 16 through the default (it probes `latent_shape`); the mask is interpolated
   to the latent size and packed like the latents (token grid), as diffusers does (not yet proven against FluxInpaintPipeline).
 
-Not yet generic (the Flux work extends them): the backends wrap `text_encoder`, `transformer`
-and `vae` (`backends.Runtime`), so the Flux family's T5 runs from `pipe.components` (eager, on
-the device the family puts it) until the Runtime holds one callable per export spec; parity's
-per-graph callables are the same three names.
+**Every graph a family declares runs on every backend that runs graphs.** `export_specs`
+is the list: `ldm-rt export` writes each (the `--model all` default), the onnxruntime and
+tensorrt backends hold one callable per spec in `Runtime.graphs` (`pipe.graphs[name]`, the
+spec's inputs in, its outputs out), and `ldm-rt parity` compares each with its reference
+module. A family whose encoding needs more than `pipe.text_encoder` (Flux: T5) calls
+`pipe.graphs` where it holds the graph and its reference modules otherwise (torch, triton:
+`graphs` is empty). A spec declares its TensorRT profile rules for dims that are not batch and
+image size (`ComponentSpec.profile_dims`, `profile_batch`); the profile geometry (default side,
+size multiple) comes from `default_size` and `size_multiple`.
+
+Not yet generic: the three role callables (`pipe.text_encoder`, `pipe.transformer`,
+`pipe.vae`) stay, with the DiT's call signatures, beside `graphs`; the triton backend swaps its
+kernels into the transformer only.
 """
 
 from __future__ import annotations

@@ -81,19 +81,26 @@ def text_encoder_dtype(pipe) -> torch.dtype:
 @torch.no_grad()
 def encode_prompt(pipe, prompts: list[str], num_images: int = 1):
     """prompts -> (prompt_embeds (B, L, d_t5), pooled (B, d_clip), txt_ids (L, 3)) on pipe.device in the
-    pipeline's dtype, each prompt's rows repeated num_images times; FluxPipeline.encode_prompt."""
+    pipeline's dtype, each prompt's rows repeated num_images times; FluxPipeline.encode_prompt.
+    Through the backend's graphs where it runs exported graphs (`pipe.graphs`: onnxruntime,
+    tensorrt), else through the reference modules on `pipe.text_encoder_device` (torch)."""
     from ldm_rt.pipeline import check_finite
 
-    device, dtype = pipe.text_encoder_device, text_encoder_dtype(pipe)
-    clip = _placed(pipe.components.text_encoder, device, dtype)
-    t5 = _placed(pipe.components.text_encoder_2, device, dtype, t5=True)
     tokens = pipe.tokenizer(prompts)
     for prompt, cut in zip(prompts, tokens.truncated):
         if cut:
             warnings.warn(f"prompt truncated to {pipe.tokenizer.max_length} tokens for CLIP, as FluxPipeline does: "
                           f"{prompt[:60]!r}...", stacklevel=4)
-    _, pooled = clip(tokens.input_ids.to(device))
-    prompt_embeds = t5(pipe.components.tokenizer_2(prompts).to(device))
+    t5_ids = pipe.components.tokenizer_2(prompts)
+    if "text_encoder_2" in pipe.graphs:  # a backend that runs the exported graphs (specs.py: CLIP pooled, T5)
+        (pooled,) = pipe.graphs["text_encoder"](tokens.input_ids.to(pipe.device))
+        (prompt_embeds,) = pipe.graphs["text_encoder_2"](t5_ids.to(pipe.device))
+    else:  # the reference modules, on the text-encoder device
+        device, dtype = pipe.text_encoder_device, text_encoder_dtype(pipe)
+        clip = _placed(pipe.components.text_encoder, device, dtype)
+        t5 = _placed(pipe.components.text_encoder_2, device, dtype, t5=True)
+        _, pooled = clip(tokens.input_ids.to(device))
+        prompt_embeds = t5(t5_ids.to(device))
     out_dtype = pipe.precision.dtype
     prompt_embeds = prompt_embeds.to(pipe.device, out_dtype).repeat_interleave(num_images, dim=0)
     pooled = pooled.to(pipe.device, out_dtype).repeat_interleave(num_images, dim=0)
@@ -108,7 +115,8 @@ class FluxFamily(Family):
     pipeline_classes = ("FluxPipeline",)
     default_steps = 28  # the directory's defaults (loading.run_defaults) hold schnell's 4
     default_guidance = 3.5
-    backends = ("torch",)  # export / onnxruntime / triton / TensorRT for FLUX.1: not yet
+    # triton: not yet on this branch (the flux-triton branch adds it; the lead merges the tuples).
+    backends = ("torch", "onnxruntime", "tensorrt")
     places_text_encoders = True  # honours Pipeline(text_encoder_device=...)
 
     def owns(self, config):
@@ -252,10 +260,8 @@ class FluxFamily(Family):
     # -- export
 
     def export_specs(self, config):
-        try:
-            from ldm_rt.families.flux.specs import export_specs
-        except ImportError:
-            raise ConfigError("export of FLUX.1 models is not available yet; run them on backend torch.") from None
+        from ldm_rt.families.flux.specs import export_specs
+
         return export_specs(config)
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ldm_rt.export.specs import ComponentSpec, TensorSpec, vae_decoder_spec
+from ldm_rt.models.t5 import to_inference_dtype
 
 # Text length of the sample inputs the graphs are traced with (odd and unlike every other dim,
 # so torch.export specialises no dynamic axis); the axis stays dynamic.
@@ -51,9 +52,20 @@ def image_ids(height: int, width: int) -> torch.Tensor:
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
 
 
+# FluxPipeline refuses max_sequence_length above 512: the longest T5 text a graph is built for.
+MAX_TEXT_TOKENS = 512
+
+
 def export_specs(config) -> dict[str, ComponentSpec]:
+    from ldm_rt.families.flux.loading import run_defaults
+
     clip, t5, flux, vae = config.text_encoder, config.text_encoder_2, config.transformer, config.vae
     clip_seq, f32 = clip.max_position_embeddings, torch.float32
+    # TensorRT profiles: T5 text padded to max_sequence_length (256 schnell, 512 dev) at opt; image
+    # tokens from the latent size (2x2 packing); one row per image (embedded guidance, no CFG batch),
+    # two at max so that true CFG ([negative; prompt]) fits.
+    text = {"text_tokens": {"min": 1, "opt": run_defaults(flux)["max_sequence_length"], "max": MAX_TEXT_TOKENS}}
+    rows = (1, 1, 2)
 
     def text_encoder_sample(batch, height, width, g):
         ids = torch.randint(0, clip.vocab_size, (batch, clip_seq), generator=g)
@@ -88,6 +100,7 @@ def export_specs(config) -> dict[str, ComponentSpec]:
             module=lambda c: CLIPPooled(c.text_encoder),
             sample=text_encoder_sample,
             source="text_encoder",
+            profile_batch=rows,
         ),
         "text_encoder_2": ComponentSpec(
             name="text_encoder_2",
@@ -96,6 +109,9 @@ def export_specs(config) -> dict[str, ComponentSpec]:
             outputs=(TensorSpec("last_hidden_state", f32, ("batch", "text_tokens", t5.d_model)),),
             module=lambda c: c.text_encoder_2,
             sample=text_encoder_2_sample,
+            cast=to_inference_dtype,  # fp16: the FFN output projections stay fp32, as the torch backend runs T5
+            profile_dims=text,
+            profile_batch=rows,
         ),
         "transformer": ComponentSpec(
             name="transformer",
@@ -115,6 +131,8 @@ def export_specs(config) -> dict[str, ComponentSpec]:
             # sample is then 6x4 latents = 6 tokens.
             multiple_of={"height": 2, "width": 2},
             latent=True,
+            profile_dims={"tokens": {"grid": 2}, **text},
+            profile_batch=rows,
         ),
         "vae_decoder": vae_decoder_spec(vae),
     }
