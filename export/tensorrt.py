@@ -29,6 +29,10 @@ Shape syntax for `--min/--opt/--max`: comma-separated `key=value` pairs, keys
 keep their defaults. The text encoder and the DiT run on the classifier-free-guidance batch
 (unconditional + conditional halves, see `Pipeline.generate`), so their `opt` and `max` batch
 is twice the image batch; `min` stays the image batch, so a run without guidance fits too.
+A family declares other rules in its specs (`ComponentSpec.profile_dims` / `profile_batch`, in
+the manifest's `profile` entries): FLUX.1's image tokens from the latent grid, its T5 text
+length, one row per image (two at max). The geometry (default side, size multiple) is the
+family's, written into the manifest's `image` entry by `ldm-rt export`.
 """
 
 from __future__ import annotations

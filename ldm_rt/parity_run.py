@@ -1,7 +1,7 @@
 """`ldm-rt parity`: one backend against the fp32 torch reference, per component and end to end.
 
-Per component (text encoder, DiT, VAE decoder): fresh seeded random inputs from the export
-specs' sample-input factories (`export/specs.py`), rounded to the backend's dtype, go through
+Per component (every graph the model's family declares: text encoder, DiT, VAE decoder; FLUX.1
+adds T5): fresh seeded random inputs from the export specs' sample-input factories (`export/specs.py`), rounded to the backend's dtype, go through
 the backend's callables and through the reference module in fp32 on the CPU; each output is one
 row judged by `parity.TOLERANCES`. End to end: the 8-bit image from a few denoising steps
 against the torch backend's fp32 CPU image with the same seed, judged by `parity.IMAGE_PSNR_DB`.
@@ -28,7 +28,7 @@ from ldm_rt.precision import Precision
 
 @dataclass(frozen=True)
 class Row:
-    component: str  # text_encoder, transformer, vae_decoder
+    component: str  # the spec's name: text_encoder, transformer, vae_decoder (FLUX.1: text_encoder_2)
     output: str  # the spec's output name
     dtype: str  # what the backend computed it in
     result: parity.Comparison
