@@ -279,6 +279,7 @@ class Pipeline:
         progress: bool = False,
         guidance_channels: int | None = None,
         true_cfg_scale: float | None = None,
+        max_sequence_length: int | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -293,7 +294,8 @@ class Pipeline:
         or indices ("golden retriever", "207", 207), and `guidance_channels` picks how many latent
         channels CFG steers (None: all, as diffusers' DiTPipeline; 3: the original DiT sample.py).
         FLUX.1: `guidance` is the embedded guidance (dev); `true_cfg_scale` > 1 with a
-        `negative_prompt` runs diffusers' true CFG.
+        `negative_prompt` runs diffusers' true CFG; `max_sequence_length` (1..512) is the T5 token
+        count prompts are padded or truncated to (default: the model's, 256 schnell / 512 dev).
         `latents` (B, C, h, w), as diffusers' argument of that name: the initial noise, instead of
         `seeded_latents(shape, seed)`.
 
@@ -338,8 +340,8 @@ class Pipeline:
         if num_images < 1:
             raise InputError(f"num_images must be >= 1, got {num_images}.")
         # The family-specific arguments, passed on only when given.
-        options = {k: v for k, v in dict(guidance_channels=guidance_channels, true_cfg_scale=true_cfg_scale).items()
-                   if v is not None}
+        options = {k: v for k, v in dict(guidance_channels=guidance_channels, true_cfg_scale=true_cfg_scale,
+                                         max_sequence_length=max_sequence_length).items() if v is not None}
         seed = resolve_seed(seed) if generator is None else generator.initial_seed()
         if init is not None:
             hooks["init"] = init

@@ -120,6 +120,39 @@ def test_true_cfg_matches_diffusers(tmp_path):
     assert psnr(plain, got) < 40  # the negative half really steers
 
 
+@pytest.mark.parametrize("case,length", [("dev", 19), ("schnell", 300)])
+def test_max_sequence_length_matches_diffusers(case, length, tmp_path):
+    """`max_sequence_length` as FluxPipeline's argument of that name: 19 T5 tokens truncate the prompt
+    (31 characters with the char tokenizer); 300 on a schnell-like model runs, as in diffusers, with a
+    warning (schnell was distilled with 256)."""
+    config, run = CASES[case]
+    components = random_components(config, seed=12)
+    pipe = diffusers_pipeline(components, tmp_path)
+    root = tmp_path / "flux"
+    pipe.save_pretrained(root)
+    expected = diffusers_images(pipe, 2, 4, 32, 48, run["guidance"], length)[0]
+    ours = Pipeline.from_pretrained(root, device="cpu", dtype="fp32")
+    kwargs = dict(steps=2, guidance=run["guidance"], seed=4, height=32, width=48)
+    if case == "schnell":
+        with pytest.warns(UserWarning, match="above the 256 T5 tokens"):
+            got = ours.generate(PROMPT, max_sequence_length=length, **kwargs).images[0]
+    else:
+        got = ours.generate(PROMPT, max_sequence_length=length, **kwargs).images[0]
+    default = ours.generate(PROMPT, **kwargs).images[0]
+    value = psnr(got, expected)
+    print(f"flux {case} max_sequence_length {length}: PSNR {value:.1f} dB vs diffusers FluxPipeline")
+    assert value >= 50
+    # the length really reaches the transformer (300 vs 256 adds only padding tokens: a small change)
+    assert not np.array_equal(np.asarray(default), np.asarray(got))
+
+
+def test_max_sequence_length_sets_the_t5_token_count(flux_dir):
+    pipe = Pipeline.from_pretrained(flux_dir, device="cpu")
+    embeds, pooled, txt_ids = pipe.encode_prompt([PROMPT, "zebra"], 1, 33)
+    assert embeds.shape[:2] == (2, 33) and txt_ids.shape == (33, 3)
+    assert pipe.encode_prompt([PROMPT])[0].shape[1] == pipe.defaults["max_sequence_length"]
+
+
 def test_our_directory_loads_in_diffusers(tmp_path):
     """`init-model`'s layout is diffusers' FluxPipeline layout: diffusers loads it and draws our image."""
     diffusers = pytest.importorskip("diffusers")
@@ -249,6 +282,8 @@ def test_broken_directory_is_one_error_line(case, flux_dir, tmp_path):
     (("--backend", "onnxruntime"), "backend torch"),
     (("--true-cfg-scale", "nan"), "true_cfg_scale"),
     (("--guidance-channels", 3), "does not apply to a FLUX.1 model"),
+    (("--max-sequence-length", 0), "max_sequence_length"),
+    (("--max-sequence-length", 513), "from 1 to 512"),
 ])
 def test_bad_request_is_one_error_line(args, words, flux_dir, tmp_path):
     base = {"--height": 16, "--width": 16}

@@ -58,6 +58,7 @@ class FluxRequest:
     negatives: list[str] | None  # with true CFG only
     num_images: int
     true_cfg_scale: float
+    max_sequence_length: int | None = None  # T5 tokens; None: the model's (tokenizer_2's length)
 
 
 def _placed(module, device: torch.device, dtype: torch.dtype, t5: bool = False):
@@ -78,10 +79,28 @@ def text_encoder_dtype(pipe) -> torch.dtype:
     return torch.bfloat16 if pipe.text_encoder_device.type == "cpu" and dtype == torch.float16 else dtype
 
 
+MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.check_inputs: "`max_sequence_length` cannot be greater than 512"
+SCHNELL_SEQUENCE_LENGTH = 256  # what FLUX.1-schnell was distilled with (BFL's flux repo: 256 if schnell else 512)
+
+
+def check_max_sequence_length(value, guidance_embeds: bool) -> int:
+    """A T5 token count for FluxPipeline's `max_sequence_length`: a whole number in 1..512, as diffusers
+    accepts; above 256 on a model without a guidance embedder (schnell-like) a warning, not an error,
+    since diffusers runs it (BFL's reference caps schnell at 256)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEQUENCE_LENGTH:
+        raise InputError(f"max_sequence_length must be a whole number from 1 to {MAX_SEQUENCE_LENGTH} (T5 tokens, "
+                         f"as diffusers' FluxPipeline), got {value!r}.")
+    if not guidance_embeds and value > SCHNELL_SEQUENCE_LENGTH:
+        warnings.warn(f"max_sequence_length {value} is above the {SCHNELL_SEQUENCE_LENGTH} T5 tokens FLUX.1-schnell "
+                      "was distilled with; diffusers runs it, black-forest-labs' reference does not.", stacklevel=5)
+    return value
+
+
 @torch.no_grad()
-def encode_prompt(pipe, prompts: list[str], num_images: int = 1):
+def encode_prompt(pipe, prompts: list[str], num_images: int = 1, max_sequence_length: int | None = None):
     """prompts -> (prompt_embeds (B, L, d_t5), pooled (B, d_clip), txt_ids (L, 3)) on pipe.device in the
-    pipeline's dtype, each prompt's rows repeated num_images times; FluxPipeline.encode_prompt."""
+    pipeline's dtype, each prompt's rows repeated num_images times; FluxPipeline.encode_prompt. L is
+    `max_sequence_length` (None: the model's, tokenizer_2's length: 256 schnell, 512 dev)."""
     from ldm_rt.pipeline import check_finite
 
     device, dtype = pipe.text_encoder_device, text_encoder_dtype(pipe)
@@ -93,7 +112,7 @@ def encode_prompt(pipe, prompts: list[str], num_images: int = 1):
             warnings.warn(f"prompt truncated to {pipe.tokenizer.max_length} tokens for CLIP, as FluxPipeline does: "
                           f"{prompt[:60]!r}...", stacklevel=4)
     _, pooled = clip(tokens.input_ids.to(device))
-    prompt_embeds = t5(pipe.components.tokenizer_2(prompts).to(device))
+    prompt_embeds = t5(pipe.components.tokenizer_2(prompts, max_sequence_length).to(device))
     out_dtype = pipe.precision.dtype
     prompt_embeds = prompt_embeds.to(pipe.device, out_dtype).repeat_interleave(num_images, dim=0)
     pooled = pooled.to(pipe.device, out_dtype).repeat_interleave(num_images, dim=0)
@@ -207,7 +226,7 @@ class FluxFamily(Family):
     # -- sampling
 
     def prepare(self, pipe, prompts, negative_prompt, num_images, options):
-        unknown = sorted(set(options) - {"true_cfg_scale"})
+        unknown = sorted(set(options) - {"true_cfg_scale", "max_sequence_length"})
         if unknown:
             raise InputError(f"{', '.join(unknown)} does not apply to a FLUX.1 model.")
         scale = float(options.get("true_cfg_scale", 1.0))
@@ -225,14 +244,17 @@ class FluxFamily(Family):
             warnings.warn("the negative prompt is ignored: FLUX.1 uses one only with true CFG, true_cfg_scale > 1 "
                           "(--true-cfg-scale).", stacklevel=4)
             negatives = None
-        return FluxRequest(list(prompts), negatives if scale > 1 else None, num_images, scale)
+        length = options.get("max_sequence_length")
+        if length is not None:
+            length = check_max_sequence_length(length, pipe.config.transformer.guidance_embeds)
+        return FluxRequest(list(prompts), negatives if scale > 1 else None, num_images, scale, length)
 
     def encode(self, pipe, request: FluxRequest, guidance):
         if not pipe.config.transformer.guidance_embeds and guidance != 0:
             warnings.warn(f"guidance {guidance} is ignored: this FLUX.1 model has no guidance embedder "
                           "(schnell-like); pass guidance 0 to silence this.", stacklevel=4)
         texts = request.prompts if request.negatives is None else request.negatives + request.prompts
-        embeds, pooled, txt_ids = encode_prompt(pipe, texts, request.num_images)
+        embeds, pooled, txt_ids = encode_prompt(pipe, texts, request.num_images, request.max_sequence_length)
         return embeds, pooled, txt_ids
 
     def step(self, pipe, scheduler, guidance, options):
