@@ -75,7 +75,8 @@ torch.Generator("cpu").manual_seed(seed))` in fp32 on the CPU, as diffusers does
   guidance fed to the guidance embedder (dev) instead of a CFG batch; `batch_factor = 1` (a true
   CFG batch is doubled inside, from the conditioning's batch).
 - Defaults from the directory (`loading.run_defaults`): 4 steps / 256 tokens (schnell), 28 / 3.5 /
-  512 (dev), size 1024; `backends = ("torch",)` until `export_specs` (another branch) lands.
+  512 (dev), size 1024; `max_sequence_length` (1..512) overrides the T5 length per call;
+  `backends = ("torch", "triton")` until `export_specs` (another branch) lands.
 - image-to-image / inpainting (FluxImg2ImgPipeline / FluxInpaintPipeline): nothing beyond `pack`;
   `size_multiple` is 16 through the default (it probes `latent_shape`); the mask is interpolated
   to the latent size and packed like the latents (token grid), as diffusers does (not yet proven against FluxInpaintPipeline).

@@ -127,7 +127,7 @@ class FluxFamily(Family):
     pipeline_classes = ("FluxPipeline",)
     default_steps = 28  # the directory's defaults (loading.run_defaults) hold schnell's 4
     default_guidance = 3.5
-    backends = ("torch",)  # export / onnxruntime / triton / TensorRT for FLUX.1: not yet
+    backends = ("torch", "triton")  # export / onnxruntime / TensorRT for FLUX.1: not yet
     places_text_encoders = True  # honours Pipeline(text_encoder_device=...)
 
     def owns(self, config):
