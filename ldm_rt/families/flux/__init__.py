@@ -120,11 +120,11 @@ def encode_prompt(pipe, prompts: list[str], num_images: int = 1, max_sequence_le
     check_finite(pooled, "CLIP text encoding", pipe.precision)
     txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=pipe.device, dtype=out_dtype)
     if pipe.release_text_encoders:
-        release_text_encoders(clip, t5)
+        offload_text_encoders(clip, t5)
     return prompt_embeds, pooled, txt_ids
 
 
-def release_text_encoders(*modules) -> None:
+def offload_text_encoders(*modules) -> None:
     """Move the text encoders to the CPU (`Pipeline(release_text_encoders=True)`), in the dtype they ran
     in, and hand their CUDA blocks back to the driver: the transformer and the VAE get the memory
     (T5-XXL is ~9.5 GB in bf16). The next `encode_prompt` puts them back on the text-encoder device
