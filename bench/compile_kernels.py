@@ -84,11 +84,12 @@ class Launch:
 
 def _kernels() -> dict[str, Any]:
     """The JIT functions of ldm_rt.kernels, by "module.name"."""
-    from ldm_rt.kernels import adaln, flash_attention, rope
+    from ldm_rt.kernels import adaln, flash_attention, rmsnorm, rope
 
     found = {"adaln._adaln_kernel": (adaln, "_adaln_kernel"),
              "flash_attention._attention_kernel": (flash_attention, "_attention_kernel"),
-             "rope._rope_kernel": (rope, "_rope_kernel")}
+             "rope._rope_kernel": (rope, "_rope_kernel"),
+             "rmsnorm._rms_norm_kernel": (rmsnorm, "_rms_norm_kernel")}
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET is set, so the kernels were built for the interpreter and cannot be "
                            "compiled: run this in a process without it.")

@@ -126,7 +126,7 @@ def flux_inputs(config: FluxConfig, batch=2, m=7, gh=3, gw=5, seed=0):
 
 def count_kernel_calls(monkeypatch) -> dict[str, int]:
     calls = {}
-    for name in ("attention", "layernorm_modulate", "gated_residual_layernorm_modulate"):
+    for name in ("attention", "layernorm_modulate", "gated_residual_layernorm_modulate", "rms_norm"):
         real = getattr(kernels, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
@@ -148,8 +148,10 @@ def test_flux_transformer_with_kernels_matches_reference(monkeypatch):
     calls = count_kernel_calls(monkeypatch)
     out = triton_backend.KernelModule(model)(*inputs)
     # double block: joint attention, two adaLNs (image, text), two residual+adaLNs; single block:
-    # attention, adaLN; the final AdaLayerNormContinuous: one adaLN
-    assert calls == {"attention": 2, "layernorm_modulate": 2 + 1 + 1, "gated_residual_layernorm_modulate": 2}, calls
+    # attention, adaLN; the final AdaLayerNormContinuous: one adaLN; qk-norm: q, k of each stream (4
+    # in the double block, 2 in the single one)
+    assert calls == {"attention": 2, "layernorm_modulate": 2 + 1 + 1, "gated_residual_layernorm_modulate": 2,
+                     "rms_norm": 4 + 2}, calls
     result = compare(out, ref, "transformer", "fp32")
     print(f"flux transformer, head dim 128, triton kernels vs reference: {result}")
     assert result.passed, str(result)
@@ -190,7 +192,7 @@ def test_flux_step_needs_nothing_from_the_host(true_cfg):
     with HostReads() as mode:
         out = step(latents, t, coefficients, guidance, embeds, pooled, txt_ids)
     assert out.shape == latents.shape and out.device.type == "meta"
-    assert {"ldm_rt.attention.default", "ldm_rt.layernorm_modulate.default"} <= mode.ops
+    assert {"ldm_rt.attention.default", "ldm_rt.layernorm_modulate.default", "ldm_rt.rms_norm.default"} <= mode.ops
     assert mode.host == [], f"host transfers in the Flux step: {mode.host}"
 
 
