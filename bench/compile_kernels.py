@@ -2,6 +2,7 @@
 
     python bench/compile_kernels.py                      # DiT-XL/2 text and class presets, fp16 + bf16
     python bench/compile_kernels.py --grid               # + every kernel at widths past the presets', fp32 too
+    python bench/compile_kernels.py --presets flux-dev --resolutions 512 1024   # FLUX.1's launches
     python bench/compile_kernels.py --out DIR            # also writes compile_kernels.json
 
 The Triton interpreter (TRITON_INTERPRET=1, how CI runs the kernels) executes a kernel's Python
@@ -83,11 +84,12 @@ class Launch:
 
 def _kernels() -> dict[str, Any]:
     """The JIT functions of ldm_rt.kernels, by "module.name"."""
-    from ldm_rt.kernels import adaln, flash_attention, rope
+    from ldm_rt.kernels import adaln, flash_attention, rmsnorm, rope
 
     found = {"adaln._adaln_kernel": (adaln, "_adaln_kernel"),
              "flash_attention._attention_kernel": (flash_attention, "_attention_kernel"),
-             "rope._rope_kernel": (rope, "_rope_kernel")}
+             "rope._rope_kernel": (rope, "_rope_kernel"),
+             "rmsnorm._rms_norm_kernel": (rmsnorm, "_rms_norm_kernel")}
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET is set, so the kernels were built for the interpreter and cannot be "
                            "compiled: run this in a process without it.")
@@ -167,6 +169,9 @@ def backend_launches(presets: list[str], resolutions: list[int], dtypes: list[st
 
     launches: list[Launch] = []
     for preset in presets:
+        if preset.startswith("flux-"):
+            launches += [x for x in flux_launches(preset, resolutions, dtypes) if x not in launches]
+            continue
         config = ModelConfig.from_name(preset)
         one_block = dataclasses.replace(config.transformer, depth=1)  # every block launches the same kernels
         for dtype_name in dtypes:
@@ -187,6 +192,39 @@ def backend_launches(presets: list[str], resolutions: list[int], dtypes: list[st
                     kwargs = {}
                 with recording(launches), ops.use(**kernel_impls()), torch.no_grad():
                     model(*args, **kwargs)
+    return launches
+
+
+def flux_launches(preset: str, resolutions: list[int], dtypes: list[str]) -> list[Launch]:
+    """The launches one FLUX.1 step of the triton backend makes (batch 1, embedded guidance): one
+    double- and one single-stream block at the preset's widths (every block of a kind launches the
+    same kernels), T5 padded to the model's max_sequence_length (512 dev, 256 schnell) and
+    (px / 16)^2 image tokens in one joint sequence. Weights are left uninitialised (`to_empty`):
+    only shapes, strides and dtypes reach a launch, and nothing is launched."""
+    from ldm_rt import families, ops
+    from ldm_rt.backends.triton_backend import kernel_impls
+    from ldm_rt.families.flux.loading import run_defaults
+    from ldm_rt.families.flux.sampling import latent_image_ids, text_ids
+    from ldm_rt.families.flux.transformer import FluxTransformer2DModel
+
+    config = families.get("flux").presets()[preset].transformer
+    one_each = dataclasses.replace(config, num_layers=1, num_single_layers=1)
+    m = run_defaults(config)["max_sequence_length"]
+    launches: list[Launch] = []
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        with torch.device("meta"):
+            model = FluxTransformer2DModel(one_each)
+        model = model.to_empty(device="cpu").to(dtype).eval()
+        for px in resolutions:
+            grid = px // 16  # VAE factor 8 x the 2x2 packing
+            args = (torch.randn(1, grid * grid, one_each.in_channels, dtype=dtype),
+                    torch.randn(1, m, one_each.joint_attention_dim, dtype=dtype),
+                    torch.randn(1, one_each.pooled_projection_dim, dtype=dtype), torch.full((1,), 0.5),
+                    latent_image_ids(grid, grid, dtype=dtype), text_ids(m, dtype=dtype),
+                    torch.full((1,), 3.5) if one_each.guidance_embeds else None)
+            with recording(launches), ops.use(**kernel_impls()), torch.no_grad():
+                model(*args)
     return launches
 
 

@@ -8,6 +8,7 @@ implementation) so it runs inside `torch.compile` and CUDA graphs as one opaque 
 - `gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps)` kernels/adaln.py
 - `apply_rope(x, cos, sin)`                                        kernels/rope.py
 - `attention(q, k, v, key_padding_mask, cos, sin, scale)`          kernels/flash_attention.py
+- `rms_norm(x, weight, eps)`                                       kernels/rmsnorm.py
 
 Every input may have any strides (views, permutes, chunks of a fused projection are read in
 place, never copied); a unit last-dim stride is what makes loads coalesced, so it is the fast
@@ -29,7 +30,8 @@ from torch import Tensor
 
 from ldm_rt.errors import InputError, require
 
-__all__ = ["layernorm_modulate", "gated_residual_layernorm_modulate", "apply_rope", "attention", "interpreting"]
+__all__ = ["layernorm_modulate", "gated_residual_layernorm_modulate", "apply_rope", "attention", "rms_norm",
+           "interpreting"]
 
 
 def interpreting() -> bool:
@@ -104,6 +106,17 @@ def _(q, k, v, key_padding_mask, cos, sin, scale):
     return q.new_empty((B, NQ, H, D)).transpose(1, 2)  # the kernel's layout: see flash_attention.py
 
 
+@torch.library.custom_op("ldm_rt::rms_norm", mutates_args=())
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    _check_device(x)
+    return _kernel_module("rmsnorm").rms_norm(x, weight, eps)
+
+
+@_rms_norm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public functions: the references' signatures and defaults.
 # ---------------------------------------------------------------------------------------------
@@ -156,3 +169,12 @@ def attention(
     contiguous. A query row whose keys are all masked returns zeros.
     """
     return torch.ops.ldm_rt.attention(q, k, v, key_padding_mask, cos, sin, None if scale is None else float(scale))
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """x * rsqrt(mean(x^2, last dim) + eps) * weight; reference `ops.rms_norm` (the qk-norm).
+
+    x (B, H, N, D) or (B, N, D), any strides (a head view of a projection is read in place), D up
+    to 16384; weight (D,). Returns a contiguous tensor of x's shape and dtype; statistics in fp32.
+    """
+    return torch.ops.ldm_rt.rms_norm(x, weight, float(eps))

@@ -93,6 +93,12 @@ def output_paths(out: Path | None, seed: int, count: int) -> list[Path]:
 @click.option("--text-encoder-device", type=click.Choice(["same", "cpu", "cuda"]), default=None,
               help="FLUX.1: where the text encoders (CLIP, T5) run; cpu keeps T5-XXL off the GPU (default: same "
                    "as --device).")
+@click.option("--release-text-encoders", is_flag=True, default=False,
+              help="FLUX.1: move the text encoders (CLIP, T5) to the CPU after encoding, freeing their GPU memory "
+                   "for the transformer (each call moves them back: one copy per call).")
+@click.option("--max-sequence-length", type=int, default=None,
+              help="FLUX.1: T5 tokens the prompt is padded or truncated to, 1..512 (diffusers' max_sequence_length; "
+                   "default: the model's, 256 schnell / 512 dev).")
 @click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
               help="Image-to-image: start from this image (PNG/JPEG); the size defaults to its own, rounded down "
                    "to the model's multiple.")
@@ -101,7 +107,8 @@ def output_paths(out: Path | None, seed: int, count: int) -> list[Path]:
 @click.option("--mask", "mask_path", type=click.Path(path_type=Path), default=None,
               help="With --image: inpaint; white pixels are redrawn, black ones kept (same size as --image).")
 def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, height, width, num_images, out,
-        device, dtype, guidance_channels, true_cfg_scale, text_encoder_device, image_path, strength, mask_path):
+        device, dtype, guidance_channels, true_cfg_scale, text_encoder_device, release_text_encoders,
+        max_sequence_length, image_path, strength, mask_path):
     """Generate images from a text prompt (or ImageNet classes, for a class-conditional DiT)."""
     import math
     import time
@@ -137,7 +144,8 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
     for path in paths:
         _check_writable(path)
     pipe = Pipeline.from_pretrained(model_dir or default_model_dir(), backend=backend, device=device, dtype=dtype,
-                                    text_encoder_device=text_encoder_device)
+                                    text_encoder_device=text_encoder_device,
+                                    release_text_encoders=release_text_encoders)
     click.echo(f"model: {model_dir or 'built-in demo'} | backend {backend} | {pipe.device} {pipe.precision.value}",
                err=True)
     if fresh:
@@ -146,7 +154,8 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
     result = pipe.generate(prompts if len(prompts) > 1 else prompts[0], negative_prompt=negative_prompt,
                            steps=steps, guidance=guidance, seed=seed, height=height, width=width,
                            num_images=num_images, progress=True, guidance_channels=guidance_channels,
-                           true_cfg_scale=true_cfg_scale, image=image, strength=strength, mask_image=mask)
+                           true_cfg_scale=true_cfg_scale, max_sequence_length=max_sequence_length, image=image,
+                           strength=strength, mask_image=mask)
     file_prompts = [p for p in prompts for _ in range(num_images)]
     for i, (image, path, text) in enumerate(zip(result.images, paths, file_prompts)):
         existed = path.exists()

@@ -1,4 +1,4 @@
-"""The swap point: attention, RoPE and the adaLN modulate step.
+"""The swap point: attention, RoPE, the adaLN modulate step and the RMS qk-norm.
 
 The reference models call these functions through this module (`ops.attention(...)`), never
 inline, so a faster backend routes them to kernels by replacing the implementation here
@@ -180,6 +180,7 @@ _REFERENCE: dict[str, Callable] = {
     "apply_rope": apply_rope,
     "layernorm_modulate": layernorm_modulate,
     "gated_residual_layernorm_modulate": gated_residual_layernorm_modulate,
+    "rms_norm": rms_norm,
 }
 _active: dict[str, Callable] = dict(_REFERENCE)
 

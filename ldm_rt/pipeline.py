@@ -103,7 +103,7 @@ class Pipeline:
     """
 
     def __init__(self, components, backend: str = "torch", device=None, dtype=None, onnx_dir=None,
-                 text_encoder_device=None):
+                 text_encoder_device=None, release_text_encoders: bool = False):
         from ldm_rt import families
 
         self._components, self._onnx_dir = components, onnx_dir  # for `to()`
@@ -120,6 +120,10 @@ class Pipeline:
             raise InputError(f"{self.family.name} models run on backend {' or '.join(self.family.backends)} in this "
                              f"version of ldm-rt, not {backend}; use backend {self.family.backends[0]}.")
         self.text_encoder_device = self._resolve_text_encoder_device(text_encoder_device)
+        if release_text_encoders and not self.family.places_text_encoders:
+            raise InputError(f"release_text_encoders does not apply to {self.family.name} models: their text encoder "
+                             "runs through the backend, on the pipeline's device.")
+        self.release_text_encoders = bool(release_text_encoders)
         self.components = components  # the reference modules (a family's extra encoders are read here)
         self.config = components.config
         self.defaults = dict(components.defaults)
@@ -140,16 +144,18 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "torch", device=None, dtype=None,
-                        text_encoder_device=None) -> Pipeline:
+                        text_encoder_device=None, release_text_encoders: bool = False) -> Pipeline:
         """`text_encoder_device`: where a family that runs its own text encoders (FLUX.1's CLIP and
         T5) keeps them: "same" or None (the pipeline's device), "cpu" (frees the GPU memory of T5-XXL,
-        ~9.5 GB in bf16, for the transformer) or "cuda"."""
+        ~9.5 GB in bf16, for the transformer) or "cuda". `release_text_encoders`: such a family
+        moves them back to the CPU after each encoding (their device memory is freed while the
+        transformer runs) and onto `text_encoder_device` again at the next call."""
         from ldm_rt.model_dir import load_model_dir
 
         pipe = cls.__new__(cls)
         pipe._path = Path(path)
         pipe.__init__(load_model_dir(path), backend=backend, device=device, dtype=dtype,
-                      text_encoder_device=text_encoder_device)
+                      text_encoder_device=text_encoder_device, release_text_encoders=release_text_encoders)
         return pipe
 
     def _resolve_text_encoder_device(self, value) -> torch.device:
@@ -284,6 +290,7 @@ class Pipeline:
         progress: bool = False,
         guidance_channels: int | None = None,
         true_cfg_scale: float | None = None,
+        max_sequence_length: int | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -298,7 +305,8 @@ class Pipeline:
         or indices ("golden retriever", "207", 207), and `guidance_channels` picks how many latent
         channels CFG steers (None: all, as diffusers' DiTPipeline; 3: the original DiT sample.py).
         FLUX.1: `guidance` is the embedded guidance (dev); `true_cfg_scale` > 1 with a
-        `negative_prompt` runs diffusers' true CFG.
+        `negative_prompt` runs diffusers' true CFG; `max_sequence_length` (1..512) is the T5 token
+        count prompts are padded or truncated to (default: the model's, 256 schnell / 512 dev).
         `latents` (B, C, h, w), as diffusers' argument of that name: the initial noise, instead of
         `seeded_latents(shape, seed)`.
 
@@ -343,8 +351,8 @@ class Pipeline:
         if num_images < 1:
             raise InputError(f"num_images must be >= 1, got {num_images}.")
         # The family-specific arguments, passed on only when given.
-        options = {k: v for k, v in dict(guidance_channels=guidance_channels, true_cfg_scale=true_cfg_scale).items()
-                   if v is not None}
+        options = {k: v for k, v in dict(guidance_channels=guidance_channels, true_cfg_scale=true_cfg_scale,
+                                         max_sequence_length=max_sequence_length).items() if v is not None}
         seed = resolve_seed(seed) if generator is None else generator.initial_seed()
         if init is not None:
             hooks["init"] = init
@@ -454,7 +462,7 @@ class Pipeline:
         else:
             components = self._components
         self.__init__(components, backend=self.backend, device=device, dtype=precision, onnx_dir=self._onnx_dir,
-                      text_encoder_device=self._text_encoder_device)
+                      text_encoder_device=self._text_encoder_device, release_text_encoders=self.release_text_encoders)
         return self
 
 

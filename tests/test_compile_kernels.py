@@ -109,3 +109,22 @@ def test_refuses_to_compile_interpreted_kernels():
             "sys.modules['ck'] = ck; spec.loader.exec_module(ck); ck._kernels()")
     done = run(["-c", code, str(SCRIPT)], timeout=120)
     assert done.returncode != 0 and "TRITON_INTERPRET is set" in done.stderr
+
+
+def test_flux_step_launches_compile_for_hopper_within_limits(tmp_path):
+    """FLUX.1-dev's widths (24 heads of 128, width 3072), 512 T5 + 256 image tokens in one joint
+    sequence: the fused-RoPE attention at head dim 128, the adaLN and qk-norm kernels fit an H100 block,
+    without spills, with 16-byte loads and wgmma (the DiT presets above run head dim 72 only)."""
+    done = run([str(SCRIPT), "--presets", "flux-dev", "--resolutions", "256", "--out", str(tmp_path)], timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads((tmp_path / "compile_kernels.json").read_text())["launches"]
+    kinds = {(row["kernel"].split(".")[-1], row["pointers"]["out_ptr"], row["constexprs"].get("HEAD_DIM"),
+              row["constexprs"].get("ROPE"), row["constexprs"].get("GATED")) for row in rows}
+    for dtype in ("*fp16", "*bf16"):
+        assert {("_attention_kernel", dtype, 128, True, None), ("_adaln_kernel", dtype, None, None, False),
+                ("_adaln_kernel", dtype, None, None, True), ("_rms_norm_kernel", dtype, None, None, None)} <= kinds, kinds
+    for row in rows:
+        assert row["problems"] == [] and row["shared_bytes"] <= 232448 and 0 < row["registers"] <= 255, row
+        if row["kernel"].endswith("_attention_kernel"):
+            assert "ld.global.b16" not in row["memory_ops"] and row["memory_ops"].get("cp.async.cg.shared.global")
+            assert row["mma_ops"] and all(op.startswith("wgmma.mma_async") for op in row["mma_ops"]), row["mma_ops"]

@@ -4,6 +4,7 @@ directories we write load in diffusers; `init-model` + `run`; one error line per
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import shutil
 
@@ -120,6 +121,39 @@ def test_true_cfg_matches_diffusers(tmp_path):
     assert psnr(plain, got) < 40  # the negative half really steers
 
 
+@pytest.mark.parametrize("case,length", [("dev", 19), ("schnell", 300)])
+def test_max_sequence_length_matches_diffusers(case, length, tmp_path):
+    """`max_sequence_length` as FluxPipeline's argument of that name: 19 T5 tokens truncate the prompt
+    (31 characters with the char tokenizer); 300 on a schnell-like model runs, as in diffusers, with a
+    warning (schnell was distilled with 256)."""
+    config, run = CASES[case]
+    components = random_components(config, seed=12)
+    pipe = diffusers_pipeline(components, tmp_path)
+    root = tmp_path / "flux"
+    pipe.save_pretrained(root)
+    expected = diffusers_images(pipe, 2, 4, 32, 48, run["guidance"], length)[0]
+    ours = Pipeline.from_pretrained(root, device="cpu", dtype="fp32")
+    kwargs = dict(steps=2, guidance=run["guidance"], seed=4, height=32, width=48)
+    if case == "schnell":
+        with pytest.warns(UserWarning, match="above the 256 T5 tokens"):
+            got = ours.generate(PROMPT, max_sequence_length=length, **kwargs).images[0]
+    else:
+        got = ours.generate(PROMPT, max_sequence_length=length, **kwargs).images[0]
+    default = ours.generate(PROMPT, **kwargs).images[0]
+    value = psnr(got, expected)
+    print(f"flux {case} max_sequence_length {length}: PSNR {value:.1f} dB vs diffusers FluxPipeline")
+    assert value >= 50
+    # the length really reaches the transformer (300 vs 256 adds only padding tokens: a small change)
+    assert not np.array_equal(np.asarray(default), np.asarray(got))
+
+
+def test_max_sequence_length_sets_the_t5_token_count(flux_dir):
+    pipe = Pipeline.from_pretrained(flux_dir, device="cpu")
+    embeds, pooled, txt_ids = pipe.encode_prompt([PROMPT, "zebra"], 1, 33)
+    assert embeds.shape[:2] == (2, 33) and txt_ids.shape == (33, 3)
+    assert pipe.encode_prompt([PROMPT])[0].shape[1] == pipe.defaults["max_sequence_length"]
+
+
 def test_our_directory_loads_in_diffusers(tmp_path):
     """`init-model`'s layout is diffusers' FluxPipeline layout: diffusers loads it and draws our image."""
     diffusers = pytest.importorskip("diffusers")
@@ -173,9 +207,71 @@ def test_init_model_flux_tiny_then_run_writes_a_png(tmp_path):
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (48, 32)
     again = tmp_path / "again.png"
-    invoke("run", "--model-dir", root, "--prompt", PROMPT, "--steps", 2, "--height", 32, "--width", 48, "--seed", 5,
-           "--out", again)
-    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))  # te device: same image
+    result = invoke("run", "--model-dir", root, "--prompt", PROMPT, "--steps", 2, "--height", 32, "--width", 48,
+                    "--seed", 5, "--out", again, "--release-text-encoders")
+    assert result.exit_code == 0, result.output
+    # neither the text-encoder device nor releasing the encoders changes the image
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+def test_released_text_encoders_go_back_to_the_cpu_and_return(flux_dir):
+    """release_text_encoders: after each encoding CLIP and T5 are moved to the CPU (after they ran),
+    and the next call puts them on the text-encoder device again: the same image twice, and the same
+    as without releasing. (On this CPU-only machine the moves are observed; tests marked gpu check
+    where the parameters live on CUDA.)"""
+    kwargs = dict(steps=2, seed=7, height=16, width=32, max_sequence_length=24)
+    plain = Pipeline.from_pretrained(flux_dir, device="cpu").generate(PROMPT, **kwargs).images[0]
+    pipe = Pipeline.from_pretrained(flux_dir, device="cpu", release_text_encoders=True)
+    events = []
+    for name, module in (("clip", pipe.components.text_encoder), ("t5", pipe.components.text_encoder_2)):
+        module.register_forward_hook(lambda *_, _name=name: events.append(f"{_name} ran"))
+        real_to = module.to
+
+        def to(*args, _name=name, _real=real_to, **kw):
+            events.append(f"{_name} to {torch.device(args[0]) if args else kw}")
+            return _real(*args, **kw)
+
+        module.to = to
+    images = []
+    for _ in range(2):
+        events.clear()
+        images.append(pipe.generate(PROMPT, **kwargs).images[0])
+        assert events[-2:] == ["clip to cpu", "t5 to cpu"], events
+        assert {"clip ran", "t5 ran"} <= set(events[:-2]), events
+        for module in (pipe.components.text_encoder, pipe.components.text_encoder_2):
+            assert {p.device.type for p in module.parameters()} == {"cpu"}
+    assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+    assert np.array_equal(np.asarray(images[0]), np.asarray(plain))
+
+
+def test_release_text_encoders_does_not_apply_to_a_dit(tiny_model_dir):
+    from ldm_rt.errors import InputError
+
+    with pytest.raises(InputError, match="release_text_encoders does not apply"):
+        Pipeline.from_pretrained(tiny_model_dir, device="cpu", release_text_encoders=True)
+
+
+@pytest.mark.gpu
+def test_released_text_encoders_free_cuda_memory(flux_dir):
+    """On CUDA: after a call the encoders' parameters are on the CPU, the allocator holds less than a
+    pipeline that keeps them, and the next call (encoders moved back) draws the same image."""
+    kwargs = dict(steps=2, seed=7, height=32, width=32)
+    keep = Pipeline.from_pretrained(flux_dir, device="cuda", dtype="bf16")
+    kept_image = keep.generate(PROMPT, **kwargs).images[0]
+    kept_bytes = torch.cuda.memory_allocated()
+    del keep
+    gc.collect()  # the pipeline holds itself through its encode_prompt partial: a cycle
+    torch.cuda.empty_cache()
+    pipe = Pipeline.from_pretrained(flux_dir, device="cuda", dtype="bf16", release_text_encoders=True)
+    first = pipe.generate(PROMPT, **kwargs).images[0]
+    released_bytes = torch.cuda.memory_allocated()
+    for module in (pipe.components.text_encoder, pipe.components.text_encoder_2):
+        assert {p.device.type for p in module.parameters()} == {"cpu"}
+    t5_bytes = sum(p.numel() * p.element_size() for p in pipe.components.text_encoder_2.parameters())
+    assert released_bytes <= kept_bytes - t5_bytes, (released_bytes, kept_bytes, t5_bytes)
+    second = pipe.generate(PROMPT, **kwargs).images[0]
+    assert np.array_equal(np.asarray(first), np.asarray(second))
+    assert np.array_equal(np.asarray(first), np.asarray(kept_image))
 
 
 def test_guidance_on_schnell_warns_once_and_changes_nothing(tmp_path):
@@ -249,6 +345,8 @@ def test_broken_directory_is_one_error_line(case, flux_dir, tmp_path):
     (("--backend", "triton"), "backend torch"),  # not yet on this branch (flux-triton adds it)
     (("--true-cfg-scale", "nan"), "true_cfg_scale"),
     (("--guidance-channels", 3), "does not apply to a FLUX.1 model"),
+    (("--max-sequence-length", 0), "max_sequence_length"),
+    (("--max-sequence-length", 513), "from 1 to 512"),
 ])
 def test_bad_request_is_one_error_line(args, words, flux_dir, tmp_path):
     base = {"--height": 16, "--width": 16}

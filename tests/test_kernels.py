@@ -124,6 +124,37 @@ def test_apply_rope_reads_strided_inputs(dtype):
     check(kernels.apply_rope(x, cos, sin), ops.apply_rope(x.float(), cos, sin), dtype)
 
 
+# --------------------------------------------------------------------------------- RMSNorm
+
+
+@pytest.mark.parametrize("shape,d,dtype,eps", [
+    ((3, 2, 77), 72, FP32, 1e-6), ((3, 3, 257), 128, FP16, 1e-6), ((3, 100), 64, FP32, 1e-5), ((3, 4, 1), 128, FP32, 1e-6),
+    ((2, 1), 8192, FP16, 1e-6), gpu((3, 24, 1024), 128, BF16, 1e-6), gpu((3, 16, 257), 72, BF16, 1e-6),
+])
+def test_rms_norm_matches_reference(shape, d, dtype, eps):
+    x = randn(*shape, d, seed=0, dtype=dtype) * 3 + 0.5  # rows far from unit RMS
+    weight = randn(d, seed=1, dtype=dtype)
+    out = kernels.rms_norm(x, weight, eps)
+    assert out.shape == x.shape and out.is_contiguous()
+    check(out, ops.rms_norm(x.float(), weight.float(), eps), dtype)
+
+
+@pytest.mark.parametrize("dtype", [FP32, FP16])
+def test_rms_norm_reads_head_views_in_place(dtype):
+    """q as the qk-norm gets it: the (B, H, N, Dh) transposed view of a (B, N, H * Dh) projection,
+    and a weight that is a strided slice."""
+    b, n, h, d = 3, 77, 2, 72
+    q = randn(b, n, h * d, seed=0, dtype=dtype).unflatten(-1, (h, d)).transpose(1, 2)
+    weight = randn(2 * d, seed=1, dtype=dtype)[::2]
+    assert not (q.is_contiguous() or weight.is_contiguous())
+    check(kernels.rms_norm(q, weight), ops.rms_norm(q.float(), weight.float()), dtype)
+
+
+def test_rms_norm_is_a_custom_op():
+    x, w = randn(2, 3, 5, 16, seed=0), randn(16, seed=1)
+    torch.library.opcheck(torch.ops.ldm_rt.rms_norm.default, (x, w, 1e-6))
+
+
 # --------------------------------------------------------------------------------- attention
 
 

@@ -275,3 +275,54 @@ def test_engine_serves_a_flux_directory(tmp_path):
     outcome = report.outcomes[0]
     assert outcome.error is None and len(outcome.pngs) == 2
     assert Image.open(io.BytesIO(outcome.pngs[0])).size == (48, 32)
+
+
+@pytest.fixture(scope="module")
+def flux_tiny_dir(tmp_path_factory):
+    from ldm_rt.model_dir import init_model
+
+    return init_model(tmp_path_factory.mktemp("flux") / "tiny", "flux-tiny", seed=3)
+
+
+def test_http_serves_a_flux_directory(flux_tiny_dir, tmp_path):
+    """A FLUX.1 directory through the HTTP app: a request draws `Pipeline.generate`'s pixels (the
+    same seed, steps, embedded guidance), two concurrent ones share one batch (each its own noise,
+    FLUX.1's packing of the caller's latents), and a size Flux cannot take is a 400 with the
+    family's sentence. No warm-up: its default 1024 px x 28 steps is long on the CPU."""
+    import torch
+
+    from ldm_rt.pipeline import Pipeline
+
+    srv = Server("--model-dir", str(flux_tiny_dir), "--no-warm-up", "--max-batch", "4", "--max-wait-ms", "400",
+                 log_path=tmp_path / "server.log")
+    try:
+        status, _, answer = request(srv.port, "POST", "/v1/images/generations", dict(prompt="a fox", size="40x40"))
+        assert status == 400 and "multiple of 16" in answer["error"]["message"], answer
+        calls = [dict(prompt="a red fox", seed=3, steps=2, size="48x32", guidance=2.5),
+                 dict(prompt="a blue owl", seed=4, steps=2, size="48x32", guidance=2.5)]
+        status, headers, body = generate(srv.port, n=2, **calls[0])
+        assert status == 200 and headers["x-ldm-rt-batch-size"] == "2", body
+        alone = [png_array(p) for p in pngs(body)]
+        together = concurrently(lambda **kw: generate(srv.port, **kw), calls)
+        assert [a[0] for a in together] == [200, 200]
+        assert [a[1]["x-ldm-rt-batch-size"] for a in together] == ["2", "2"]  # one batch of two requests
+    finally:
+        srv.stop()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server runs
+    try:
+        pipe = Pipeline.from_pretrained(flux_tiny_dir, device="cpu")
+        refs = []
+        for call in calls:
+            width, height = map(int, call["size"].split("x"))
+            kwargs = dict(seed=call["seed"], steps=2, guidance=2.5, height=height, width=width)
+            refs.append([np.asarray(im) for im in pipe.generate(call["prompt"], num_images=2 if not refs else 1,
+                                                                 **kwargs).images])
+    finally:
+        torch.set_num_threads(threads)
+    assert alone[0].shape == (32, 48, 3) and alone[0].std() > 5
+    assert all(np.array_equal(a, b) for a, b in zip(alone, refs[0]))  # an unbatched request is run's call
+    for (_, _, answer), ref in zip(together, (refs[0][0], refs[1][0])):
+        got = png_array(pngs(answer)[0])  # batched: up to the last bit of batched fp32 matmuls
+        assert psnr(_tensor(got), _tensor(ref)) >= IMAGE_PSNR_DB["fp32"]
+        assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2

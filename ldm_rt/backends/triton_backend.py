@@ -9,6 +9,14 @@ whole CFG denoising step replayed from a CUDA graph.
   text padding mask; each block's residual add before the MLP is fused with the MLP's adaLN
   (`gated_residual_layernorm_modulate`). The text encoder and the VAE stay eager (the VAE's
   attention has head dim 512, above the kernel's 256; both run once per image, not per step).
+- FLUX.1 (`ldm_rt.families.flux`) runs the same way through the same swap points: the joint
+  [text; image] attention of both block kinds on the fused-RoPE kernel (head dim 128, the 3-axis
+  tables of `ops.rope_freqs_from_ids`, text ids 0), the adaLN-Zero of every stream and the final
+  AdaLayerNormContinuous on `layernorm_modulate`, the double-stream block's attention residual
+  fused with its MLP's adaLN, the RMS qk-norm of q and k on `rms_norm` (the DiT's too); CLIP and
+  T5 stay eager. The whole `flux_step` (ids and RoPE tables derived from the shapes, true CFG, the
+  Euler update) has no host sync, so it is captured as one graph like the DiT's step
+  (tests/test_flux_triton.py runs it on meta tensors on the CPU and captures it on the GPU).
 - CUDA graphs (`StepGraphs`, the runtime's `run_step`): the pipeline hands over each denoising
   step as one pure function (the DiT call on [latents; latents], the CFG combination, the
   scheduler update, see `Family.step`, e.g. `ldm_rt.families.dit_text.text_cfg_step`) with its tensors: latents, timestep,
@@ -43,7 +51,7 @@ WARMUP_CALLS = 2  # eager calls on a side stream before capture (JIT, allocator,
 def kernel_impls() -> dict[str, Callable]:
     """The swap points the triton backend routes to kernels (names as in `ops.use`)."""
     return dict(attention=kernels.attention, apply_rope=kernels.apply_rope, layernorm_modulate=kernels.layernorm_modulate,
-                gated_residual_layernorm_modulate=kernels.gated_residual_layernorm_modulate)
+                gated_residual_layernorm_modulate=kernels.gated_residual_layernorm_modulate, rms_norm=kernels.rms_norm)
 
 
 class KernelModule:

@@ -76,7 +76,8 @@ torch.Generator("cpu").manual_seed(seed))` in fp32 on the CPU, as diffusers does
   guidance fed to the guidance embedder (dev) instead of a CFG batch; `batch_factor = 1` (a true
   CFG batch is doubled inside, from the conditioning's batch).
 - Defaults from the directory (`loading.run_defaults`): 4 steps / 256 tokens (schnell), 28 / 3.5 /
-  512 (dev), size 1024; `backends = ("torch", "onnxruntime", "tensorrt")` (triton: another branch).
+  512 (dev), size 1024; `max_sequence_length` (1..512) overrides the T5 length per call;
+  `backends = ("torch", "triton", "onnxruntime", "tensorrt")`.
 - `export_specs` (`specs.py`): text_encoder (CLIP pooled), text_encoder_2 (T5), transformer
   (dynamic tokens, RoPE in the graph), vae_decoder, with their TensorRT profile rules.
 - image-to-image / inpainting (FluxImg2ImgPipeline / FluxInpaintPipeline): nothing beyond `pack`;

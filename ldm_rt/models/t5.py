@@ -318,10 +318,11 @@ class T5Tokenizer:
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        """texts -> input_ids (B, max_length) int64."""
+    def __call__(self, texts: list[str], max_length: int | None = None) -> torch.Tensor:
+        """texts -> input_ids (B, max_length) int64 (`max_length` None: the tokenizer's own)."""
+        n = self.max_length if max_length is None else max_length
         rows = []
         for enc in self._tokenizer.encode_batch(list(texts), add_special_tokens=False):
-            ids = enc.ids[: self.max_length - 1] + [self.eos_token_id]
-            rows.append(ids + [self.pad_token_id] * (self.max_length - len(ids)))
+            ids = enc.ids[: n - 1] + [self.eos_token_id]
+            rows.append(ids + [self.pad_token_id] * (n - len(ids)))
         return torch.tensor(rows, dtype=torch.long)

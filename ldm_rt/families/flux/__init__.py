@@ -58,6 +58,7 @@ class FluxRequest:
     negatives: list[str] | None  # with true CFG only
     num_images: int
     true_cfg_scale: float
+    max_sequence_length: int | None = None  # T5 tokens; None: the model's (tokenizer_2's length)
 
 
 def _placed(module, device: torch.device, dtype: torch.dtype, t5: bool = False):
@@ -78,12 +79,31 @@ def text_encoder_dtype(pipe) -> torch.dtype:
     return torch.bfloat16 if pipe.text_encoder_device.type == "cpu" and dtype == torch.float16 else dtype
 
 
+MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.check_inputs: "`max_sequence_length` cannot be greater than 512"
+SCHNELL_SEQUENCE_LENGTH = 256  # what FLUX.1-schnell was distilled with (BFL's flux repo: 256 if schnell else 512)
+
+
+def check_max_sequence_length(value, guidance_embeds: bool) -> int:
+    """A T5 token count for FluxPipeline's `max_sequence_length`: a whole number in 1..512, as diffusers
+    accepts; above 256 on a model without a guidance embedder (schnell-like) a warning, not an error,
+    since diffusers runs it (BFL's reference caps schnell at 256)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEQUENCE_LENGTH:
+        raise InputError(f"max_sequence_length must be a whole number from 1 to {MAX_SEQUENCE_LENGTH} (T5 tokens, "
+                         f"as diffusers' FluxPipeline), got {value!r}.")
+    if not guidance_embeds and value > SCHNELL_SEQUENCE_LENGTH:
+        warnings.warn(f"max_sequence_length {value} is above the {SCHNELL_SEQUENCE_LENGTH} T5 tokens FLUX.1-schnell "
+                      "was distilled with; diffusers runs it, black-forest-labs' reference does not.", stacklevel=5)
+    return value
+
+
 @torch.no_grad()
-def encode_prompt(pipe, prompts: list[str], num_images: int = 1):
+def encode_prompt(pipe, prompts: list[str], num_images: int = 1, max_sequence_length: int | None = None):
     """prompts -> (prompt_embeds (B, L, d_t5), pooled (B, d_clip), txt_ids (L, 3)) on pipe.device in the
-    pipeline's dtype, each prompt's rows repeated num_images times; FluxPipeline.encode_prompt.
+    pipeline's dtype, each prompt's rows repeated num_images times; FluxPipeline.encode_prompt. L is
+    `max_sequence_length` (None: the model's, tokenizer_2's length: 256 schnell, 512 dev).
     Through the backend's graphs where it runs exported graphs (`pipe.graphs`: onnxruntime,
-    tensorrt), else through the reference modules on `pipe.text_encoder_device` (torch)."""
+    tensorrt; the T5 graph's token axis is dynamic), else through the reference modules on
+    `pipe.text_encoder_device` (torch, triton)."""
     from ldm_rt.pipeline import check_finite
 
     tokens = pipe.tokenizer(prompts)
@@ -91,10 +111,11 @@ def encode_prompt(pipe, prompts: list[str], num_images: int = 1):
         if cut:
             warnings.warn(f"prompt truncated to {pipe.tokenizer.max_length} tokens for CLIP, as FluxPipeline does: "
                           f"{prompt[:60]!r}...", stacklevel=4)
-    t5_ids = pipe.components.tokenizer_2(prompts)
+    t5_ids = pipe.components.tokenizer_2(prompts, max_sequence_length)
     if "text_encoder_2" in pipe.graphs:  # a backend that runs the exported graphs (specs.py: CLIP pooled, T5)
         (pooled,) = pipe.graphs["text_encoder"](tokens.input_ids.to(pipe.device))
         (prompt_embeds,) = pipe.graphs["text_encoder_2"](t5_ids.to(pipe.device))
+        clip = t5 = None
     else:  # the reference modules, on the text-encoder device
         device, dtype = pipe.text_encoder_device, text_encoder_dtype(pipe)
         clip = _placed(pipe.components.text_encoder, device, dtype)
@@ -107,7 +128,21 @@ def encode_prompt(pipe, prompts: list[str], num_images: int = 1):
     check_finite(prompt_embeds, "T5 text encoding", pipe.precision)
     check_finite(pooled, "CLIP text encoding", pipe.precision)
     txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=pipe.device, dtype=out_dtype)
+    if pipe.release_text_encoders and clip is not None:  # graphs: the backend owns their memory
+        offload_text_encoders(clip, t5)
     return prompt_embeds, pooled, txt_ids
+
+
+def offload_text_encoders(*modules) -> None:
+    """Move the text encoders to the CPU (`Pipeline(release_text_encoders=True)`), in the dtype they ran
+    in, and hand their CUDA blocks back to the driver: the transformer and the VAE get the memory
+    (T5-XXL is ~9.5 GB in bf16). The next `encode_prompt` puts them back on the text-encoder device
+    (`_placed`), so every call works; the cost is one host-to-device copy of the encoders per call."""
+    on_cuda = any(next(m.parameters()).device.type == "cuda" for m in modules)
+    for module in modules:
+        module.to("cpu")
+    if on_cuda:
+        torch.cuda.empty_cache()
 
 
 class FluxFamily(Family):
@@ -115,8 +150,7 @@ class FluxFamily(Family):
     pipeline_classes = ("FluxPipeline",)
     default_steps = 28  # the directory's defaults (loading.run_defaults) hold schnell's 4
     default_guidance = 3.5
-    # triton: not yet on this branch (the flux-triton branch adds it; the lead merges the tuples).
-    backends = ("torch", "onnxruntime", "tensorrt")
+    backends = ("torch", "triton", "onnxruntime", "tensorrt")
     places_text_encoders = True  # honours Pipeline(text_encoder_device=...)
 
     def owns(self, config):
@@ -215,7 +249,7 @@ class FluxFamily(Family):
     # -- sampling
 
     def prepare(self, pipe, prompts, negative_prompt, num_images, options):
-        unknown = sorted(set(options) - {"true_cfg_scale"})
+        unknown = sorted(set(options) - {"true_cfg_scale", "max_sequence_length"})
         if unknown:
             raise InputError(f"{', '.join(unknown)} does not apply to a FLUX.1 model.")
         scale = float(options.get("true_cfg_scale", 1.0))
@@ -233,14 +267,17 @@ class FluxFamily(Family):
             warnings.warn("the negative prompt is ignored: FLUX.1 uses one only with true CFG, true_cfg_scale > 1 "
                           "(--true-cfg-scale).", stacklevel=4)
             negatives = None
-        return FluxRequest(list(prompts), negatives if scale > 1 else None, num_images, scale)
+        length = options.get("max_sequence_length")
+        if length is not None:
+            length = check_max_sequence_length(length, pipe.config.transformer.guidance_embeds)
+        return FluxRequest(list(prompts), negatives if scale > 1 else None, num_images, scale, length)
 
     def encode(self, pipe, request: FluxRequest, guidance):
         if not pipe.config.transformer.guidance_embeds and guidance != 0:
             warnings.warn(f"guidance {guidance} is ignored: this FLUX.1 model has no guidance embedder "
                           "(schnell-like); pass guidance 0 to silence this.", stacklevel=4)
         texts = request.prompts if request.negatives is None else request.negatives + request.prompts
-        embeds, pooled, txt_ids = encode_prompt(pipe, texts, request.num_images)
+        embeds, pooled, txt_ids = encode_prompt(pipe, texts, request.num_images, request.max_sequence_length)
         return embeds, pooled, txt_ids
 
     def step(self, pipe, scheduler, guidance, options):
