@@ -78,7 +78,8 @@ torch.Generator("cpu").manual_seed(seed))` in fp32 on the CPU, as diffusers does
   512 (dev), size 1024; `backends = ("torch",)` until `export_specs` (another branch) lands.
 - image-to-image / inpainting (FluxImg2ImgPipeline / FluxInpaintPipeline): nothing beyond `pack`;
   `size_multiple` is 16 through the default (it probes `latent_shape`); the mask is interpolated
-  to the latent size and packed like the latents (token grid), as diffusers does (not yet proven against FluxInpaintPipeline).
+  to the latent size and packed like the latents (token grid), as diffusers does; proven equal to both pipelines
+  (`tests/test_flux_img2img.py`).
 
 Not yet generic (the Flux work extends them): the backends wrap `text_encoder`, `transformer`
 and `vae` (`backends.Runtime`), so the Flux family's T5 runs from `pipe.components` (eager, on
