@@ -149,3 +149,35 @@ def test_index_class_that_does_not_fit_the_transformer_is_one_error_line(tmp_pat
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert "FluxFillPipeline" in lines[0], lines[0]
+
+
+def test_family_encode_condition_takes_the_tiled_batch(fill, tmp_path):
+    """The generic hook hands the roles tiled to the batch (`image_input.tile`); the family encodes the
+    images as given, as diffusers: Fill's masked image once, then repeated; Control's images repeated per
+    prompt (two images for two prompts x two images: rows img0, img0, img1, img1) before encoding."""
+    from ldm_rt.image_input import tile
+
+    theirs, ours = fill
+    h, w = 32, 48
+    image, mask = preprocess(picture(5, h, w), h, w), preprocess(mask_picture(6, h, w), h, w, mask=True)
+    tiled = {"image": tile(image, 4, "image"), "mask_image": tile(mask, 4, "mask_image")}
+    got = FLUX.encode_condition(ours, tiled, torch.Generator("cpu").manual_seed(9))
+    want = conditioning.fill_condition(ours, image, mask, torch.Generator("cpu").manual_seed(9), 4)
+    assert torch.equal(got, want) and torch.equal(got[0], got[3])
+    assert FLUX.condition_inputs(ours.config) == ("image", "mask_image")
+    assert FLUX.condition_channels(ours.config) == 320
+
+    components = random_components(CONTROL_LIKE, seed=34)
+    theirs = as_pipeline(diffusers.FluxControlPipeline, diffusers_pipeline(components, tmp_path))
+    ours = Pipeline(components, device="cpu", dtype="fp32")
+    two = torch.cat([preprocess(picture(7, h, w), h, w), preprocess(picture(8, h, w), h, w)])
+    got = FLUX.encode_condition(ours, {"control_image": tile(two, 4, "control_image")},
+                                torch.Generator("cpu").manual_seed(9))
+    with torch.no_grad():
+        x = theirs.prepare_image(two, w, h, 4, 2, "cpu", torch.float32)
+        z = theirs.vae.encode(x).latent_dist.sample(generator=torch.Generator("cpu").manual_seed(9))
+        z = (z - theirs.vae.config.shift_factor) * theirs.vae.config.scaling_factor
+        expected = theirs._pack_latents(z, 4, 16, *z.shape[2:])
+    torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=0, atol=1e-5)
+    assert FLUX.condition_inputs(ours.config) == ("control_image",)
+    assert conditioning.untile(tile(two, 4, "x")).shape[0] == 2

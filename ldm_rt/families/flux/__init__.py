@@ -244,6 +244,23 @@ class FluxFamily(Family):
         embeds, pooled, txt_ids = encode_prompt(pipe, texts, request.num_images)
         return embeds, pooled, txt_ids
 
+    # -- image conditioning: FLUX.1 Fill (image + mask) and Control (Canny/Depth), conditioning.py
+
+    def condition_channels(self, config):
+        from ldm_rt.families.flux.conditioning import condition_channels
+
+        return condition_channels(config.transformer)
+
+    def condition_inputs(self, config):
+        from ldm_rt.families.flux.conditioning import INPUTS, condition_kind
+
+        return INPUTS[condition_kind(config.transformer)]
+
+    def encode_condition(self, pipe, images, generator):
+        from ldm_rt.families.flux.conditioning import encode_condition
+
+        return encode_condition(pipe, images, generator)
+
     def step(self, pipe, scheduler, guidance, options):
         static = dict(guidance_embeds=pipe.config.transformer.guidance_embeds,
                       true_cfg_scale=float(options.get("true_cfg_scale", 1.0)), dtype=pipe.precision.dtype)

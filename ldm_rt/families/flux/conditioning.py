@@ -107,3 +107,30 @@ def control_condition(pipe, control_image: torch.Tensor, generator: torch.Genera
     latents = pipe.encode(x, generator)  # (batch, C, h, w)
     _, _, h, w = latents.shape
     return _grid(pack_latents(latents), h, w)
+
+
+def untile(x: torch.Tensor) -> torch.Tensor:
+    """The images a batch was tiled from (`image_input.tile`: the whole batch repeated): the shortest
+    leading rows that repeat to `x`. diffusers encodes Fill's masked image at the caller's batch and
+    repeats the latents, and repeats Control's images per prompt (`repeat_interleave`) before encoding;
+    both need the images as given. (Identical images given on purpose are taken as one.)"""
+    b = x.shape[0]
+    for n in range(1, b):
+        if b % n == 0 and torch.equal(x, x[:n].repeat(b // n, *([1] * (x.ndim - 1)))):
+            return x[:n]
+    return x
+
+
+def encode_condition(pipe, images: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    """`Family.encode_condition` for FLUX.1: the roles' pixels at the output size, tiled to the batch
+    (image, mask_image for Fill; control_image for Control) -> the step's conditioning (B, h/2, w/2, C)."""
+    kind = condition_kind(pipe.config.transformer)
+    if kind == "fill":
+        image, mask = images["image"], images["mask_image"]
+        batch = image.shape[0]
+        n = max(untile(image).shape[0], untile(mask).shape[0])  # the rows that differ
+        return fill_condition(pipe, image[:n], mask[:n], generator, batch)
+    if kind == "control":
+        x = images["control_image"]
+        return control_condition(pipe, untile(x), generator, x.shape[0])
+    raise ConfigError("this FLUX.1 model takes no image conditioning (in_channels = out_channels).")
