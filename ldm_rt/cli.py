@@ -123,6 +123,9 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
     if image_path is None and control_path is None and (strength is not None or mask_path is not None):
         raise InputError(f"{'--strength' if strength is not None else '--mask'} applies to image-to-image; "
                          "give --image IN.png too.")
+    if image_path is None and mask_path is not None:  # else --control-image would drop it silently
+        raise InputError("--mask goes with --image (inpainting, or FLUX.1 Fill's image and mask); give --image IN.png "
+                         "too.")
     image = mask = control = None
     if control_path is not None:
         from ldm_rt.image_input import open_image

@@ -479,9 +479,10 @@ class Pipeline:
             conditioning = family.encode(self, request, guidance)
         loop: dict = {}
         conditioned = init is not None and bool(init.conditions)
+        before = conditioned and family.condition_before_noise(self.config)
         if conditioned:
             generator = torch.Generator("cpu").manual_seed(seed) if generator is None else generator
-            if family.condition_before_noise:
+            if before:
                 with _stage("condition_encoding", self.device, timings):
                     conditioning = (*conditioning, self._condition(init, shape[0], height, width, generator))
         if init is None or init.image is None:
@@ -490,7 +491,7 @@ class Pipeline:
         else:
             with _stage("image_encoding", self.device, timings):
                 latents, loop = self._start_latents(init, shape, steps, seed, generator, height, width)
-        if conditioned and not family.condition_before_noise:
+        if conditioned and not before:
             with _stage("condition_encoding", self.device, timings):
                 conditioning = (*conditioning, self._condition(init, shape[0], height, width, generator))
         with _stage("denoising", self.device, timings):

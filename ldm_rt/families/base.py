@@ -31,7 +31,7 @@ What a family declares, and who asks:
 | `condition_channels(config)` | extra channels the transformer takes, concatenated to the latents (0: none; the DiT's `condition_channels`, FLUX.1 Fill/Control's `in_channels` - 64) | `Pipeline.generate` |
 | `condition_inputs(config)` | the image roles such a model requires, from `"image"`, `"mask_image"`, `"control_image"` (SR DiT: `("image",)`; Fill: `("image", "mask_image")`; Control: `("control_image",)`) | `Pipeline.generate` |
 | `encode_condition(pipe, images, generator)` | `{role: pixels (B, 3 or 1, H, W) at the output size}` (images in [-1, 1], masks in {0, 1}) -> the conditioning in the packed latent layout (what `pack` gives, the channel axis holding the condition channels), appended to the step's conditioning tensors | `Pipeline.generate` ("condition_encoding" stage) |
-| `condition_before_noise` | True: `encode_condition` draws from the generator before the noise (FluxControlPipeline's order); False: after the start latents (FluxFillPipeline's) | `Pipeline.generate` |
+| `condition_before_noise(config)` | True: `encode_condition` draws from the generator before the noise (FluxControlPipeline's order); False: after the start latents (FluxFillPipeline's) | `Pipeline.generate` |
 | `image_seq_len(config, latents)` | image tokens, for a schedule that depends on them (dynamic shift) | `Pipeline.denoise` |
 | `step(pipe, scheduler, guidance, options)` | the pure denoising-step function (`StepFunction`) | `Pipeline.step` |
 | `export_specs(config)` | fp32 `ComponentSpec`s, one per exported graph, in export order | `export.specs.component_specs` |
@@ -248,7 +248,11 @@ class Family:
 
     # -- channel-concatenation conditioning (issue 17) --------------------------------------------
 
-    condition_before_noise: bool = False  # encode_condition draws before the noise (FluxControlPipeline)
+    def condition_before_noise(self, config) -> bool:
+        """Whether `encode_condition` draws from the generator before the noise (FluxControlPipeline's
+        order) or after the start latents (FluxFillPipeline's); per config, since one family (Flux)
+        holds both."""
+        return False
 
     def condition_channels(self, config) -> int:
         """Extra input channels the transformer takes, concatenated to the latents (0: none)."""

@@ -213,12 +213,6 @@ class FluxFamily(Family):
         unknown = sorted(set(options) - {"true_cfg_scale"})
         if unknown:
             raise InputError(f"{', '.join(unknown)} does not apply to a FLUX.1 model.")
-        from ldm_rt.families.flux.conditioning import PIPELINE_CLASSES, condition_kind
-
-        kind = condition_kind(pipe.config.transformer)
-        if kind is not None:
-            raise InputError(f"sampling a {PIPELINE_CLASSES[kind]} model (FLUX.1 {kind}) is not available yet in this "
-                             "version of ldm-rt.")
         scale = float(options.get("true_cfg_scale", 1.0))
         if not math.isfinite(scale) or scale < 0:
             raise InputError(f"true_cfg_scale must be a finite number >= 0, got {scale}.")
@@ -255,6 +249,11 @@ class FluxFamily(Family):
         from ldm_rt.families.flux.conditioning import INPUTS, condition_kind
 
         return INPUTS[condition_kind(config.transformer)]
+
+    def condition_before_noise(self, config):
+        from ldm_rt.families.flux.conditioning import condition_kind
+
+        return condition_kind(config.transformer) == "control"  # FluxControlPipeline encodes first; Fill after
 
     def encode_condition(self, pipe, images, generator):
         from ldm_rt.families.flux.conditioning import encode_condition
