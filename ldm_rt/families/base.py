@@ -101,6 +101,11 @@ torch.Generator("cpu").manual_seed(seed))` in fp32 on the CPU, as diffusers does
   `size_multiple` is 16 through the default (it probes `latent_shape`); the mask is interpolated
   to the latent size and packed like the latents (token grid), as diffusers does; proven equal to both pipelines
   (`tests/test_flux_img2img.py`).
+- FLUX.1 Fill / Canny / Depth (`conditioning.py`; `pipeline_classes` FluxFillPipeline, FluxControlPipeline):
+  the kind from the transformer's in_channels (384 / 128) vs out_channels (64); `condition_inputs`
+  ("image", "mask_image") / ("control_image",); `encode_condition` the masked image's latents + the packed
+  pixel mask / the control image's latents as a token grid (B, h/2, w/2, 320 | 64), which `flux_step`
+  concatenates after the latents; `condition_before_noise` True for Control (FluxControlPipeline's order).
 
 Not yet generic (the Flux work extends them): the backends wrap `text_encoder`, `transformer`
 and `vae` (`backends.Runtime`), so the Flux family's T5 runs from `pipe.components` (eager, on

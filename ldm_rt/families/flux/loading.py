@@ -99,6 +99,7 @@ def _presets() -> dict[str, FluxModelConfig]:
     tiny = FluxModelConfig(FLUX_PRESETS["flux-tiny"], PRESETS["tiny"].text_encoder, T5_PRESETS["t5-tiny"], tiny_vae,
                            dict(FLUX_SCHEDULER_DEV))
     latent = 4 * tiny_vae.latent_channels  # 64 packed latent channels
+    dev = FluxModelConfig(FLUX_PRESETS["flux-dev"], FLUX_CLIP, FLUX_T5, FLUX_VAE, dict(FLUX_SCHEDULER_DEV))
     return {
         # tests and CPU demos: every component a few KB, the dev-like sampling (guidance, dynamic shift)
         "flux-tiny": tiny,
@@ -110,7 +111,12 @@ def _presets() -> dict[str, FluxModelConfig]:
         # black-forest-labs/FLUX.1-schnell and FLUX.1-dev shapes (random weights: ~17B parameters)
         "flux-schnell": FluxModelConfig(FLUX_PRESETS["flux-schnell"], FLUX_CLIP, FLUX_T5, FLUX_VAE,
                                         dict(FLUX_SCHEDULER_SCHNELL)),
-        "flux-dev": FluxModelConfig(FLUX_PRESETS["flux-dev"], FLUX_CLIP, FLUX_T5, FLUX_VAE, dict(FLUX_SCHEDULER_DEV)),
+        "flux-dev": dev,
+        # black-forest-labs/FLUX.1-Fill-dev and FLUX.1-Canny-dev / Depth-dev transformer channels
+        "flux-fill-dev": dataclasses.replace(dev, transformer=dataclasses.replace(
+            dev.transformer, in_channels=2 * latent + 4 * FLUX_VAE.scale_factor**2, out_channels=latent)),
+        "flux-control-dev": dataclasses.replace(dev, transformer=dataclasses.replace(
+            dev.transformer, in_channels=2 * latent, out_channels=latent)),
     }
 
 
