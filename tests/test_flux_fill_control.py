@@ -151,3 +151,16 @@ def test_bad_conditioning_is_one_error_line(fill, control, tmp_path, which, args
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert words in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("preset", ["flux-fill-tiny", "flux-control-tiny"])
+def test_bench_runs_a_conditioned_preset(preset, tmp_path):
+    """`ldm-rt bench` gives the step a conditioning tensor from seeded random images of the model's roles."""
+    import json
+
+    out = tmp_path / "bench"
+    result = invoke("bench", "--preset", preset, "--backends", "torch", "--resolutions", 32, "--steps", 1, "--warmup",
+                    0, "--iters", 1, "--out", out)
+    assert result.exit_code == 0, result.output
+    stages = json.loads((out / "results.json").read_text())["runs"][0]["stages"]
+    assert all(stages[s].get("median_ms", 0) > 0 for s in ("denoise_step", "denoise_loop", "end_to_end")), stages
