@@ -387,6 +387,13 @@ def stage_calls(pipe, px: int, settings: BenchSettings) -> dict[str, Callable[[]
     if vocabulary and all(isinstance(p, str) for p in prompts):
         prompts = [" ".join(vocabulary[:3])] * b  # words the model knows; fits tiny's 32 tokens
     conditioning = family.encode(pipe, family.prepare(pipe, prompts, None, 1, {}), GUIDANCE)  # the CFG batch
+    images = {}  # a model with condition channels (FLUX.1 Fill/Control): seeded random images for its roles
+    if family.condition_channels(pipe.config) > 0:
+        images = {role: torch.rand((1, 1 if role == "mask_image" else 3, px, px), generator=g)
+                  for role in family.condition_inputs(pipe.config)}  # in [0, 1], as generate takes them
+        pixels = {role: ((x >= 0.5).float() if role == "mask_image" else 2 * x - 1).repeat(b, 1, 1, 1)
+                  for role, x in images.items()}  # what generate hands encode_condition
+        conditioning = (*conditioning, family.encode_condition(pipe, pixels, g).float().to(device))
     if pipe.text_encoder is None:
         calls["text_encoder"] = NO_TEXT_ENCODER
     else:
@@ -397,7 +404,7 @@ def stage_calls(pipe, px: int, settings: BenchSettings) -> dict[str, Callable[[]
     step = lambda: step_fn(latents, 0, *conditioning)  # noqa: E731
     loop = lambda: pipe.denoise(latents, *conditioning, steps=settings.steps, guidance=GUIDANCE)  # noqa: E731
     e2e = lambda: pipe.generate(prompts, steps=settings.steps, guidance=GUIDANCE, height=px, width=px,  # noqa: E731
-                                seed=settings.seed)
+                                seed=settings.seed, **images)
     if pipe.transformer is None:
         reason = pipe.no_transformer_reason
         calls.update(denoise_step=reason, denoise_loop=reason, end_to_end=reason)

@@ -63,9 +63,10 @@ def output_paths(out: Path | None, seed: int, count: int) -> list[Path]:
 
 
 @main.command()
-@click.option("--prompt", required=True, multiple=True,
+@click.option("--prompt", multiple=True,
               help="Text prompt (repeat for a batch of prompts); for a class-conditional DiT an ImageNet class "
-                   "name or index, e.g. \"golden retriever\" or 207.")
+                   "name or index, e.g. \"golden retriever\" or 207. Required, except for a model with condition "
+                   "channels (the super-resolution demo), where it defaults to the empty prompt.")
 @click.option("--negative-prompt", default=None, help="What to steer away from (default: empty prompt).")
 @click.option("--model-dir", type=click.Path(path_type=Path), default=None,
               help="Model directory (diffusers layout). Default: the built-in demo model.")
@@ -105,10 +106,14 @@ def output_paths(out: Path | None, seed: int, count: int) -> list[Path]:
 @click.option("--strength", type=float, default=None,
               help="With --image: 0 < S <= 1, how much to redraw (1: everything; default 0.6, as diffusers).")
 @click.option("--mask", "mask_path", type=click.Path(path_type=Path), default=None,
-              help="With --image: inpaint; white pixels are redrawn, black ones kept (same size as --image).")
+              help="With --image: inpaint; white pixels are redrawn, black ones kept (same size as --image). "
+                   "For a model with condition channels (FLUX.1 Fill), the mask it is conditioned on.")
+@click.option("--control-image", "control_path", type=click.Path(path_type=Path), default=None,
+              help="A model with condition channels that takes a control image (FLUX.1 Canny/Depth): the image "
+                   "it is conditioned on.")
 def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, height, width, num_images, out,
         device, dtype, guidance_channels, true_cfg_scale, text_encoder_device, release_text_encoders,
-        max_sequence_length, image_path, strength, mask_path):
+        max_sequence_length, image_path, strength, mask_path, control_path):
     """Generate images from a text prompt (or ImageNet classes, for a class-conditional DiT)."""
     import math
     import time
@@ -121,10 +126,21 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
     start = time.perf_counter()
     if guidance is not None and not math.isfinite(guidance):
         raise InputError(f"--guidance {guidance} is not a finite number; give a scale >= 0 (<= 1 disables CFG).")
-    if image_path is None and (strength is not None or mask_path is not None):
+    if image_path is None and control_path is None and (strength is not None or mask_path is not None):
         raise InputError(f"{'--strength' if strength is not None else '--mask'} applies to image-to-image; "
                          "give --image IN.png too.")
-    image = mask = None
+    if image_path is None and mask_path is not None:  # else --control-image would drop it silently
+        raise InputError("--mask goes with --image (inpainting, or FLUX.1 Fill's image and mask); give --image IN.png "
+                         "too.")
+    image = mask = control = None
+    if control_path is not None:
+        from ldm_rt.image_input import open_image
+
+        control = open_image(control_path, "--control-image")
+    if image_path is None and strength is not None:
+        from ldm_rt.schedulers import check_strength
+
+        check_strength(strength)
     if image_path is not None:  # read (and reject a non-image) before the model loads
         from ldm_rt.image_input import image_size, open_image
         from ldm_rt.schedulers import check_strength
@@ -139,13 +155,16 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
                              "the image's size (white = repaint).")
     fresh = seed is None
     seed = resolve_seed(seed)
-    prompts = list(prompt)
+    prompts = list(prompt) or [""]
     paths = output_paths(out, seed, len(prompts) * num_images)
     for path in paths:
         _check_writable(path)
     pipe = Pipeline.from_pretrained(model_dir or default_model_dir(), backend=backend, device=device, dtype=dtype,
                                     text_encoder_device=text_encoder_device,
                                     release_text_encoders=release_text_encoders)
+    if not prompt and pipe.family.condition_channels(pipe.config) == 0:  # click's own usage error, as before
+        raise click.UsageError("Missing option '--prompt' (only a model with condition channels, such as the "
+                               "super-resolution demo, runs without one).")
     click.echo(f"model: {model_dir or 'built-in demo'} | backend {backend} | {pipe.device} {pipe.precision.value}",
                err=True)
     if fresh:
@@ -155,7 +174,7 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
                            steps=steps, guidance=guidance, seed=seed, height=height, width=width,
                            num_images=num_images, progress=True, guidance_channels=guidance_channels,
                            true_cfg_scale=true_cfg_scale, max_sequence_length=max_sequence_length, image=image,
-                           strength=strength, mask_image=mask)
+                           strength=strength, mask_image=mask, control_image=control)
     file_prompts = [p for p in prompts for _ in range(num_images)]
     for i, (image, path, text) in enumerate(zip(result.images, paths, file_prompts)):
         existed = path.exists()
@@ -173,6 +192,8 @@ def run(prompt, negative_prompt, model_dir, backend, steps, guidance, seed, heig
         click.echo(f"wrote {path} ({image.width}x{image.height}{replaced}): {text!r}")
     t = result.timings
     encoding = f"image encoding {t['image_encoding']:.2f} s | " if "image_encoding" in t else ""
+    if "condition_encoding" in t:
+        encoding += f"condition encoding {t['condition_encoding']:.2f} s | "
     click.echo(
         f"time: load {load_s:.2f} s | text encoding {t['text_encoding']:.2f} s | {encoding}"
         f"denoising {t['denoising']:.2f} s | decoding {t['decoding']:.2f} s | "
@@ -455,6 +476,42 @@ def env():
         click.echo(f"{key:<22} {value}")
 
 
+@main.command("upscale")
+@click.argument("image_path", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="PNG path (default: <IN stem>-x2.png beside the current directory's files).")
+@click.option("--model-dir", type=click.Path(path_type=Path), default=None,
+              help="A model with condition channels (default: the built-in 2x super-resolution demo).")
+@click.option("--prompt", default="", help="Optional caption of the image (the demo's grammar); default none.")
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="torch", show_default=True)
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Default: fp16 on CUDA, fp32 on CPU.")
+def upscale(image_path, out, model_dir, prompt, backend, steps, seed, device, dtype):
+    """Upscale IN.png 2x with the super-resolution demo (`run --model-dir <sr model> --image IN.png`)."""
+    import time
+
+    from ldm_rt.image_input import image_size, open_image
+    from ldm_rt.model_dir import default_sr_model_dir
+    from ldm_rt.pipeline import Pipeline
+    from ldm_rt.seeds import check_seed
+
+    start = time.perf_counter()
+    check_seed(seed)
+    image = open_image(image_path, "IN.png")  # a non-image is one error line, before the model loads
+    out = Path(f"{Path(image_path).stem}-x2.png") if out is None else out
+    _check_writable(out)
+    pipe = Pipeline.from_pretrained(model_dir or default_sr_model_dir(), backend=backend, device=device, dtype=dtype)
+    if pipe.family.condition_channels(pipe.config) == 0:
+        raise InputError(f"--model-dir {model_dir} has no condition channels: it is not a super-resolution model.")
+    result = pipe.generate(prompt, steps=steps, seed=seed, image=image)
+    picture = result.images[0]
+    picture.save(out)
+    h, w = image_size(image)
+    click.echo(f"wrote {out} ({picture.width}x{picture.height} from {w}x{h}) in {time.perf_counter() - start:.2f} s")
+
+
 @main.command("train-demo")
 @click.option("--stage", type=click.Choice(["vae", "dit", "export"]), required=True)
 @click.option("--run-dir", type=click.Path(path_type=Path), required=True)
@@ -464,7 +521,8 @@ def env():
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default: the demo config's).")
 @click.option("--log-every", type=int, default=50, show_default=True)
 @click.option("--ckpt-every", type=int, default=500, show_default=True)
-@click.option("--config", default="demo", show_default=True, help="demo (the shipped model) or tiny (tests).")
+@click.option("--config", default="demo", show_default=True,
+              help="demo (the shipped model), sr (the 2x super-resolution demo) or tiny (tests).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Export directory (default: RUN_DIR/model; pass ldm_rt/demo/model's path to replace the built-in model).")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,

@@ -142,6 +142,12 @@ class DiTConfig:
       `timestep_freq_shift` (0: frequencies exp(-ln(1e4) i / half), original DiT; 1: / (half - 1),
       diffusers' Timesteps(downscale_freq_shift=1)) and `mlp_norm_eps` (the LayerNorm before the
       MLP: 1e-6 in the original, diffusers' norm_eps = 1e-5 in DiTTransformer2DModel).
+
+    Channel-concatenation conditioning (issue 17): `condition_channels` > 0 makes the DiT take a
+    conditioning tensor (B, condition_channels, H, W) at the latents' size, concatenated to the
+    latents on the channel axis before patchify (the patch embedding sees in_channels +
+    condition_channels); the prediction keeps the latents' channels. 0 (the default) is every
+    other model: the key is then left out of the saved config, which stays byte-identical.
     """
 
     sample_size: int = 32
@@ -165,8 +171,11 @@ class DiTConfig:
     pos_embed_interpolation_scale: float = 1.0  # sincos only: diffusers' PatchEmbed interpolation_scale
     timestep_freq_shift: int = 0  # 0: original DiT (divide by half); 1: diffusers (divide by half - 1)
     mlp_norm_eps: float | None = None  # None: norm_eps
+    condition_channels: int = 0  # extra input channels concatenated to the latents (0: none)
 
     def __post_init__(self):
+        if self.condition_channels < 0:
+            raise ValueError(f"condition_channels must be >= 0, got {self.condition_channels}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.pos_embed not in ("rope", "sincos", "rope+sincos"):
@@ -239,6 +248,8 @@ class DiTConfig:
         d = dataclasses.asdict(self)
         if d["rope_axes_dim"] is not None:
             d["rope_axes_dim"] = list(d["rope_axes_dim"])
+        if not d["condition_channels"]:  # unconditioned models keep the config they always had
+            del d["condition_channels"]
         return {"_class_name": "DiT", **d}
 
 

@@ -153,6 +153,7 @@ def init_model(
 
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
+DEMO_SR_MODEL_DIR = Path(__file__).parent / "demo" / "sr_model"  # the 2x super-resolution demo (issue 17)
 
 
 def writable_dir(path: str | Path) -> Path:
@@ -188,6 +189,14 @@ def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
             raise ModelDirError(f"{root} is not a model directory (no model_index.json); refusing to overwrite it.")
         shutil.rmtree(root)
     return root
+
+
+def default_sr_model_dir() -> Path:
+    """The built-in 2x super-resolution demo model (`ldm_rt/demo/sr_model`), what `ldm-rt upscale` uses."""
+    if not (DEMO_SR_MODEL_DIR / "model_index.json").is_file():
+        raise ModelDirError("no --model-dir given and this install has no built-in super-resolution model; train one "
+                            "with `ldm-rt train-demo --config sr` (README, 'Super-resolution demo').")
+    return DEMO_SR_MODEL_DIR
 
 
 def default_model_dir() -> Path:

@@ -299,6 +299,7 @@ class Pipeline:
         image=None,
         strength: float | None = None,
         mask_image=None,
+        control_image=None,
         **diffusers_names,
     ) -> GenerationResult:
         """Text models: prompts are text. Class-conditional models: prompts are ImageNet class names
@@ -318,7 +319,13 @@ class Pipeline:
         in (0, 1] (default 0.6, diffusers' Flux/SD3 default; 1 redraws everything); the size
         defaults to the image's, rounded down to the model's multiple, and the image is resized to
         height x width otherwise. `mask_image` (same size as `image`; white = repaint) inpaints:
-        the black region keeps the image. See `ldm_rt.image_input` and the module docstring."""
+        the black region keeps the image. See `ldm_rt.image_input` and the module docstring.
+
+        A model with condition channels (`Family.condition_channels` > 0: the super-resolution
+        demo, FLUX.1 Fill/Control) requires the image roles it names (`Family.condition_inputs`:
+        `image`, `mask_image`, `control_image`) as conditioning, not as a start to blend back;
+        `strength` then defaults to 1.0 (from noise), and the size to the first role's times the
+        model's `upscale` default (2 for the super-resolution demo). See `ldm_rt.families.base`."""
         if diffusers_names:
             unknown = [k for k in diffusers_names if k not in call_args.ALIASES]
             if unknown:
@@ -333,7 +340,7 @@ class Pipeline:
         prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
         steps = self.defaults.get("steps", family.default_steps) if steps is None else steps
         guidance = self.defaults.get("guidance", family.default_guidance) if guidance is None else guidance
-        init = self._image_input(image, strength, mask_image, latents)
+        init = self._image_input(image, strength, mask_image, latents, control_image)
         if init is not None and height is None:  # the image's size, rounded down (diffusers)
             height = init.default_size[0]
         if init is not None and width is None:
@@ -359,10 +366,15 @@ class Pipeline:
         return self._sample(prompts, negative_prompt, int(steps), float(guidance), seed, height, width, num_images,
                             progress, options, **hooks)
 
-    def _image_input(self, image, strength, mask_image, latents) -> _ImageInput | None:
+    def _image_input(self, image, strength, mask_image, latents, control_image=None) -> _ImageInput | None:
         """Check generate's image arguments (cheap: no model call); None for text-to-image."""
         from ldm_rt import image_input
 
+        if self.family.condition_channels(self.config) > 0:
+            return self._condition_input(image, strength, mask_image, control_image, latents)
+        if control_image is not None:
+            raise InputError("control_image applies to a model with condition channels (e.g. FLUX.1 Canny/Depth); "
+                             "this model takes none.")
         if image is None:
             for name, value in (("strength", strength), ("mask_image", mask_image)):
                 if value is not None:
@@ -385,6 +397,43 @@ class Pipeline:
                              f"give an image at least {multiple}x{multiple}, or height and width.")
         return _ImageInput(picture, mask, strength, default)
 
+    def _condition_input(self, image, strength, mask_image, control_image, latents) -> _ImageInput:
+        """generate's image arguments for a model with condition channels: every role of
+        `condition_inputs` given, no other; strength 1.0 by default, < 1 only with an `image` role."""
+        from ldm_rt import image_input
+
+        roles = self.family.condition_inputs(self.config)
+        given = {"image": image, "mask_image": mask_image, "control_image": control_image}
+        flag = {"image": "--image", "mask_image": "--mask", "control_image": "--control-image"}
+        needs = ", ".join(f"{r}= ({flag[r]})" for r in roles)
+        for role in roles:
+            if given[role] is None:
+                raise InputError(f"this model is conditioned on {needs}; give {role}= ({flag[role]}).")
+        for role, value in given.items():
+            if value is not None and role not in roles:
+                raise InputError(f"{role} does not apply to this model: it is conditioned on {needs} only.")
+        strength = 1.0 if strength is None else check_strength(strength)
+        if strength < 1.0 and "image" not in roles:
+            raise InputError(f"strength {strength} < 1 starts from an image, and this model takes none "
+                             f"(it is conditioned on {needs}); leave strength at 1.")
+        if latents is not None and strength < 1.0:
+            raise InputError("give latents or strength < 1, not both: strength < 1 starts from the image.")
+        pictures = {r: image_input.open_image(given[r], r, mask=r == "mask_image") for r in roles}
+        first = pictures[roles[0]]
+        size = image_input.image_size(first)
+        for role, picture in pictures.items():
+            if image_input.image_size(picture) != size:
+                h, w = image_input.image_size(picture)
+                raise InputError(f"{role} is {w}x{h} but {roles[0]} is {size[1]}x{size[0]}; give them one size.")
+        upscale = self.defaults.get("upscale", 1)
+        multiple = self.family.size_multiple(self.config)
+        default = (size[0] * upscale - size[0] * upscale % multiple, size[1] * upscale - size[1] * upscale % multiple)
+        if min(default) < multiple:
+            raise InputError(f"{roles[0]} is {size[1]}x{size[0]}, too small for this model's size multiple {multiple}"
+                             + (f" at {upscale}x" if upscale != 1 else "") + "; give a larger image, or height and width.")
+        start = pictures.get("image") if latents is None else None
+        return _ImageInput(start, None, strength, default, conditions=pictures)
+
     def _start_latents(self, init: _ImageInput, shape, steps, seed, generator, height, width):
         """Image-to-image's starting point (transformer layout) and its inpainting blend."""
         from ldm_rt import image_input
@@ -393,6 +442,11 @@ class Pipeline:
         generator = torch.Generator("cpu").manual_seed(seed) if generator is None else generator
         pixels = image_input.preprocess(init.image, height, width)
         image_latents = family.encode_image(self, pixels, generator)  # draws the VAE sample first
+        if init.conditions and tuple(image_latents.shape[2:]) != tuple(shape[2:]):
+            raise InputError(f"the image encodes to latents {tuple(image_latents.shape[1:])}, but this call "
+                             f"samples {tuple(shape[1:])}; the VAE does not fit the transformer.")
+        if init.conditions:  # a Fill-like model: the start image may have more channels than drawn
+            image_latents = image_latents[:, : shape[1]]
         if tuple(image_latents.shape[1:]) != tuple(shape[1:]):
             raise InputError(f"the image encodes to latents {tuple(image_latents.shape[1:])}, but this call "
                              f"samples {tuple(shape[1:])}; the VAE does not fit the transformer.")
@@ -414,6 +468,17 @@ class Pipeline:
 
         return latents, dict(start=start, scheduler=scheduler, after_step=after_step)
 
+    def _condition(self, init: _ImageInput, batch: int, height: int, width: int, generator) -> torch.Tensor:
+        """The roles' pixels at the output size, tiled to the batch -> `Family.encode_condition`."""
+        from ldm_rt import image_input
+
+        pixels = {role: image_input.tile(image_input.preprocess(picture, height, width, mask=role == "mask_image"),
+                                         batch, role)
+                  for role, picture in init.conditions.items()}
+        condition = self.family.encode_condition(self, pixels, generator).float().to(self.device)
+        check_finite(condition, "condition encoding", self.precision)
+        return condition
+
     def _sample(self, prompts, negative_prompt, steps, guidance, seed, height, width, num_images, progress,
                 options, generator=None, latents=None, output_type="pil", callback=None,
                 init: _ImageInput | None = None) -> GenerationResult:
@@ -426,12 +491,22 @@ class Pipeline:
         with _stage("text_encoding", self.device, timings):
             conditioning = family.encode(self, request, guidance)
         loop: dict = {}
-        if init is None:
+        conditioned = init is not None and bool(init.conditions)
+        before = conditioned and family.condition_before_noise(self.config)
+        if conditioned:
+            generator = torch.Generator("cpu").manual_seed(seed) if generator is None else generator
+            if before:
+                with _stage("condition_encoding", self.device, timings):
+                    conditioning = (*conditioning, self._condition(init, shape[0], height, width, generator))
+        if init is None or init.image is None:
             noise = call_args.initial_latents(shape, seed, generator, latents, self.device)
             latents = family.pack(self.config, noise)
         else:
             with _stage("image_encoding", self.device, timings):
                 latents, loop = self._start_latents(init, shape, steps, seed, generator, height, width)
+        if conditioned and not before:
+            with _stage("condition_encoding", self.device, timings):
+                conditioning = (*conditioning, self._condition(init, shape[0], height, width, generator))
         with _stage("denoising", self.device, timings):
             latents = self.denoise(latents, *conditioning, steps=steps, guidance=guidance, progress=progress,
                                    callback=callback, **loop, **options)
@@ -474,6 +549,9 @@ class _ImageInput:
     mask: object | None
     strength: float
     default_size: tuple[int, int]  # (height, width): the image's, rounded down to the size multiple
+    # a model with condition channels: {role: open_image result}; `image` is then the start image
+    # (None: start from noise)
+    conditions: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager

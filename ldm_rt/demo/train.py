@@ -549,6 +549,12 @@ def train(stage: str, run_dir: str | Path, steps: int = 0, seed: int = 0, batch:
     _run_info(run_dir, config, seed)
     if init_from is not None and stage != "dit":
         raise InputError(f"--init-from applies to --stage dit, not {stage}.")
+    if cfg.upscale > 1 and stage == "vae":
+        raise InputError(f"--config {config} reuses the demo model's VAE ({cfg.base_model}); train --stage dit.")
+    if stage == "export" and cfg.upscale > 1:
+        from ldm_rt.demo.sr import export_sr
+
+        return export_sr(cfg, run_dir, Path(out) if out is not None else run_dir / "model")
     if stage == "export":
         # Into the run dir by default, never into the installed package (issue 19); run_cli says how to ship it.
         path = export(cfg, run_dir, Path(out) if out is not None else run_dir / "model")
@@ -560,6 +566,13 @@ def train(stage: str, run_dir: str | Path, steps: int = 0, seed: int = 0, batch:
     if stage == "vae":
         return train_vae(cfg, run_dir, steps, seed, batch or cfg.vae_batch, lr or cfg.vae_lr, log_every,
                          ckpt_every, progress, overfit)
+    if cfg.upscale > 1:
+        if init_from is not None:
+            raise InputError(f"--init-from does not apply to --config {config}.")
+        from ldm_rt.demo.sr import train_sr
+
+        return train_sr(cfg, run_dir, steps, seed, batch or cfg.dit_batch, lr or cfg.dit_lr, log_every, ckpt_every,
+                        progress, overfit)
     return train_dit(cfg, run_dir, steps, seed, batch or cfg.dit_batch, lr or cfg.dit_lr, log_every,
                      ckpt_every, progress, overfit, None if init_from is None else Path(init_from), config)
 
@@ -574,7 +587,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--config", default="demo", help="demo (the shipped model) or tiny (tests)")
+    p.add_argument("--config", default="demo", help="demo (the shipped model), sr (the 2x super-resolution demo) "
+                   "or tiny (tests)")
     p.add_argument("--out", type=Path, default=None, help="export directory (default RUN_DIR/model)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="dit: warm-start a run dir without dit.pt from an exported model (e.g. ldm_rt/demo/model)")
@@ -583,7 +597,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_cli(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out, init_from=None) -> None:
     """What both `python -m ldm_rt.demo.train` and `ldm-rt train-demo` do."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("LDM_RT_TRAIN_THREADS", 0)) or os.cpu_count() or 1)
     result = train(stage, run_dir, steps, seed, batch, lr, log_every, ckpt_every, config, out, init_from=init_from)
     cfg = demo_config(config)
     if stage == "export":

@@ -28,6 +28,10 @@ What a family declares, and who asks:
 | `size_multiple(config)` | what image sides must be multiples of (an input image's size is rounded down to it) | `Pipeline.generate` (image-to-image) |
 | `encode_image(pipe, images, generator)` | pixels -> scaled VAE latents (B, C, h, w), before `pack` (default: `Pipeline.encode`, diffusers' `retrieve_latents` convention) | `Pipeline.generate` ("image_encoding" stage) |
 | `mask_latents(config, mask, shape)` | a pixel mask -> the VAE latents' layout, before `pack` (default: nearest-neighbour to the latent size, as diffusers' inpaint pipelines) | `Pipeline.generate` (inpainting) |
+| `condition_channels(config)` | extra channels the transformer takes, concatenated to the latents (0: none; the DiT's `condition_channels`, FLUX.1 Fill/Control's `in_channels` - 64) | `Pipeline.generate` |
+| `condition_inputs(config)` | the image roles such a model requires, from `"image"`, `"mask_image"`, `"control_image"` (SR DiT: `("image",)`; Fill: `("image", "mask_image")`; Control: `("control_image",)`) | `Pipeline.generate` |
+| `encode_condition(pipe, images, generator)` | `{role: pixels (B, 3 or 1, H, W) at the output size}` (images in [-1, 1], masks in {0, 1}) -> the conditioning in the packed latent layout (what `pack` gives, the channel axis holding the condition channels), appended to the step's conditioning tensors | `Pipeline.generate` ("condition_encoding" stage) |
+| `condition_before_noise(config)` | True: `encode_condition` draws from the generator before the noise (FluxControlPipeline's order); False: after the start latents (FluxFillPipeline's) | `Pipeline.generate` |
 | `image_seq_len(config, latents)` | image tokens, for a schedule that depends on them (dynamic shift) | `Pipeline.denoise` |
 | `step(pipe, scheduler, guidance, options)` | the pure denoising-step function (`StepFunction`) | `Pipeline.step` |
 | `export_specs(config)` | fp32 `ComponentSpec`s, one per exported graph, in export order | `export.specs.component_specs` |
@@ -50,6 +54,23 @@ schedule, and for a mask blends the known region back after every step in the pa
 (`pack` of `mask_latents`). A family gets them by implementing `pack` (a permutation of the
 latents) and, where its size rule is not a multiple of VAE factor x patch size, nothing else:
 the default `size_multiple` asks `latent_shape`.
+
+**Channel-concatenation conditioning is generic too** (issue 17): for a model whose
+`condition_channels` > 0, `generate` requires the roles of `condition_inputs` (`image=`,
+`mask_image=`, `control_image=`; one `error:` line names a missing one, and a role the model does
+not take), preprocesses them at the output size (`image_input.preprocess`; the size defaults to
+the first role's size times the directory's `upscale` default, 1 unless given), tiles them to the
+batch and asks `encode_condition`; the result is appended to the conditioning tensors of every
+step, in the latents' batch layout (B rows: a CFG step doubles it as it doubles the latents), and
+the family's step function puts it on the latents' channel axis before the transformer (the DiT
+families pass it as the transformer's `condition` input, which concatenates before patchify: the
+exported graph's extra `condition` input). The roles are conditioning, so there is no inpaint
+blend. `strength` defaults to 1.0; with an `image` role the start still goes through the
+image-to-image path (encode `image`, then the noise, then `add_noise` at the start step: at
+strength 1 that is the noise itself, as FluxFillPipeline's `prepare_latents`, which also encodes
+the image), so `strength` < 1 starts from the image; a model without an `image` role starts from
+noise and takes no `strength` < 1. With `latents=` given (strength 1), no start image is
+encoded and only `encode_condition` draws from the generator.
 
 **Seeding is generic**: the pipeline draws `torch.randn(latent_shape(...), generator=
 torch.Generator("cpu").manual_seed(seed))` in fp32 on the CPU, as diffusers does, then
@@ -82,7 +103,13 @@ torch.Generator("cpu").manual_seed(seed))` in fp32 on the CPU, as diffusers does
   (dynamic tokens, RoPE in the graph), vae_decoder, with their TensorRT profile rules.
 - image-to-image / inpainting (FluxImg2ImgPipeline / FluxInpaintPipeline): nothing beyond `pack`;
   `size_multiple` is 16 through the default (it probes `latent_shape`); the mask is interpolated
-  to the latent size and packed like the latents (token grid), as diffusers does (not yet proven against FluxInpaintPipeline).
+  to the latent size and packed like the latents (token grid), as diffusers does; proven equal to both pipelines
+  (`tests/test_flux_img2img.py`).
+- FLUX.1 Fill / Canny / Depth (`conditioning.py`; `pipeline_classes` FluxFillPipeline, FluxControlPipeline):
+  the kind from the transformer's in_channels (384 / 128) vs out_channels (64); `condition_inputs`
+  ("image", "mask_image") / ("control_image",); `encode_condition` the masked image's latents + the packed
+  pixel mask / the control image's latents as a token grid (B, h/2, w/2, 320 | 64), which `flux_step`
+  concatenates after the latents; `condition_before_noise` True for Control (FluxControlPipeline's order).
 
 **Every graph a family declares runs on every backend that runs graphs.** `export_specs`
 is the list: `ldm-rt export` writes each (the `--model all` default), the onnxruntime and
@@ -236,6 +263,28 @@ class Family:
         from ldm_rt.schedulers import scheduler_from_config
 
         return scheduler_from_config(scheduler_config, steps, image_seq_len=image_seq_len)
+
+    # -- channel-concatenation conditioning (issue 17) --------------------------------------------
+
+    def condition_before_noise(self, config) -> bool:
+        """Whether `encode_condition` draws from the generator before the noise (FluxControlPipeline's
+        order) or after the start latents (FluxFillPipeline's); per config, since one family (Flux)
+        holds both."""
+        return False
+
+    def condition_channels(self, config) -> int:
+        """Extra input channels the transformer takes, concatenated to the latents (0: none)."""
+        return 0
+
+    def condition_inputs(self, config) -> tuple[str, ...]:
+        """The image roles a conditioned model requires, from "image", "mask_image", "control_image"."""
+        return ()
+
+    def encode_condition(self, pipe, images: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """{role: pixels (B, 3|1, H, W) at the output size} (images in [-1, 1], masks in {0, 1}) ->
+        the conditioning (fp32, on `pipe.device`) in the packed latent layout: what `pack` gives for
+        the latents, with the family's channel axis holding `condition_channels` channels."""
+        raise NotImplementedError(f"the {self.name or type(self).__name__} family has no image conditioning")
 
     def image_seq_len(self, config, latents: torch.Tensor) -> int:
         """Image tokens the transformer sees for `latents` (a dynamic-shift schedule needs it)."""

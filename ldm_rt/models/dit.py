@@ -252,13 +252,16 @@ class DiT(nn.Module):
     pooled (B, pooled_dim); class_labels (B,) int64 in 0..num_classes (num_classes = null class).
     Returns (B, out_channels, H, W). H and W must be multiples of `patch_size`; RoPE and sin-cos
     tables are computed from H and W, so any resolution works.
+    With config.condition_channels > 0, `condition` (B, condition_channels, H, W) is concatenated
+    to the latents on the channel axis before patchify (channel-concatenation conditioning: the
+    seeds' super-resolution, FLUX.1 Fill/Control's `in_channels`).
     """
 
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config
         d = config.hidden_size
-        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels + config.condition_channels, d)
         self.t_embedder = TimestepEmbedder(d, config.frequency_embedding_size, config.timestep_freq_shift)
         if config.class_conditional:
             self.y_embedder = LabelEmbedder(config.num_classes, d)
@@ -338,8 +341,18 @@ class DiT(nn.Module):
         text_mask: torch.Tensor | None = None,
         pooled: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h, w = self.patchify_shape(latents.shape[-2], latents.shape[-1])
+        extra = self.config.condition_channels
+        if extra:
+            if condition is None or condition.shape[1] != extra or condition.shape[-2:] != latents.shape[-2:]:
+                got = None if condition is None else tuple(condition.shape)
+                raise ValueError(f"this DiT takes a condition (B, {extra}, {latents.shape[-2]}, {latents.shape[-1]}) "
+                                 f"at the latents' size; got {got}")
+            latents = torch.cat([latents, condition.to(latents.dtype)], dim=1)  # (B, C + Cc, H, W)
+        elif condition is not None:
+            raise ValueError("this DiT has no condition channels (config.condition_channels = 0); pass no condition")
         x = self.x_embedder(latents)  # (B, N, D)
         cos = sin = None
         if self.config.uses_rope:

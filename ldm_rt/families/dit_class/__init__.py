@@ -26,12 +26,16 @@ DIT_PIPELINE = "DiTPipeline"
 DIT_PIPELINE_DEFAULTS = {"steps": 50, "guidance": 4.0}
 
 
-def class_cfg_step(transformer, update, latents, t, coefficients, guidance, labels, *, do_cfg: bool,
-                   dtype: torch.dtype, channels: int, guided_channels: int) -> torch.Tensor:
+def class_cfg_step(transformer, update, latents, t, coefficients, guidance, labels, condition=None, *,
+                   do_cfg: bool, dtype: torch.dtype, channels: int, guided_channels: int) -> torch.Tensor:
     """One step of diffusers' `DiTPipeline`: labels are [cond; null] with CFG; the learned-variance
-    half of the output is dropped, and guidance steers the first `guided_channels` latent channels."""
+    half of the output is dropped, and guidance steers the first `guided_channels` latent channels.
+    `condition` (B, Cc, h, w), for a DiT with condition channels: doubled as the latents are."""
     model_in = torch.cat([latents, latents]) if do_cfg else latents
-    out = transformer(model_in.to(dtype), t, class_labels=labels).float()
+    extra = {}
+    if condition is not None:
+        extra["condition"] = (torch.cat([condition, condition]) if do_cfg else condition).to(dtype)
+    out = transformer(model_in.to(dtype), t, class_labels=labels, **extra).float()
     eps = out[:, :channels]  # (B', C, h, w): drop the learned variance
     if do_cfg:
         k = guided_channels
@@ -49,6 +53,9 @@ def check_compatible(dit: DiTConfig, vae: VAEConfig) -> None:
                         "a text-conditioned one needs one")
     if dit.in_channels != vae.latent_channels:
         problems.append(f"transformer in_channels {dit.in_channels} != vae latent_channels {vae.latent_channels}")
+    if dit.condition_channels and dit.condition_channels != vae.latent_channels:  # the condition is VAE latents
+        problems.append(f"transformer condition_channels {dit.condition_channels} != vae latent_channels "
+                        f"{vae.latent_channels} (the condition is the encoded image)")
     if problems:
         raise ModelDirError("components do not fit together: " + "; ".join(problems) + ".")
     # out_channels is in_channels or 2 x (learned sigma): DiTConfig checks it
@@ -158,6 +165,17 @@ class DiTClassFamily(Family):
         static = dict(do_cfg=guidance > 1.0, dtype=pipe.precision.dtype, channels=channels, guided_channels=k)
         fn = functools.partial(class_cfg_step, pipe.transformer, scheduler.update, **static)
         return StepFunction("class", fn, static, batch_factor=2 if static["do_cfg"] else 1)
+
+    def condition_channels(self, config):
+        return config.transformer.condition_channels
+
+    def condition_inputs(self, config):
+        return ("image",) if config.transformer.condition_channels else ()
+
+    def encode_condition(self, pipe, images, generator):
+        from ldm_rt.families.dit_text import encode_image_condition
+
+        return encode_image_condition(pipe, images, generator)
 
     def sample_prompts(self, config, batch):
         return [i % config.transformer.num_classes for i in range(batch)]

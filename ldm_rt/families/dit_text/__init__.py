@@ -25,13 +25,18 @@ from ldm_rt.families.base import Family, StepFunction
 LDM_RT_PIPELINE = "LdmRtPipeline"
 
 
-def text_cfg_step(transformer, update, latents, t, coefficients, guidance, text_states, text_mask, pooled, *,
-                  do_cfg: bool, dtype: torch.dtype) -> torch.Tensor:
+def text_cfg_step(transformer, update, latents, t, coefficients, guidance, text_states, text_mask, pooled,
+                  condition=None, *, do_cfg: bool, dtype: torch.dtype) -> torch.Tensor:
     """latents (B, C, h, w) fp32 -> the latents after one step. t (B',) is the step's timestep,
     `coefficients` the scheduler's for the step, guidance a 0-d fp32 tensor; with CFG the text
-    inputs are [uncond; cond] (B' = 2B) and the DiT runs once on [latents; latents]."""
+    inputs are [uncond; cond] (B' = 2B) and the DiT runs once on [latents; latents].
+    `condition` (B, Cc, h, w), for a DiT with condition channels: doubled as the latents are, and
+    concatenated to them on the channel axis by the DiT (its `condition` input, before patchify)."""
     model_in = torch.cat([latents, latents]) if do_cfg else latents
-    out = transformer(model_in.to(dtype), t, text_states, text_mask, pooled).float()
+    extra = {}
+    if condition is not None:
+        extra["condition"] = (torch.cat([condition, condition]) if do_cfg else condition).to(dtype)
+    out = transformer(model_in.to(dtype), t, text_states, text_mask, pooled, **extra).float()
     if do_cfg:
         uncond, cond = out.chunk(2)
         out = uncond + guidance * (cond - uncond)
@@ -54,6 +59,9 @@ def check_compatible(te: TextEncoderConfig, dit: DiTConfig, vae: VAEConfig) -> N
         problems.append(
             f"transformer out_channels {dit.output_channels} != vae latent_channels {vae.latent_channels}"
         )
+    if dit.condition_channels and dit.condition_channels != vae.latent_channels:  # the condition is VAE latents
+        problems.append(f"transformer condition_channels {dit.condition_channels} != vae latent_channels "
+                        f"{vae.latent_channels} (the condition is the encoded image)")
     if problems:
         raise ModelDirError("components do not fit together: " + "; ".join(problems) + ".")
 
@@ -115,6 +123,13 @@ def _warn_unknown_words(defaults: dict, prompts: list[str]) -> None:
                     "the image will not show it",
                     stacklevel=4,
                 )
+
+
+def encode_image_condition(pipe, images: dict, generator) -> torch.Tensor:
+    """The DiT families' `encode_condition`: `images["image"]` (B, 3, H, W) in [-1, 1] -> scaled VAE
+    latents of its posterior mean (B, C, H/f, W/f) (`Pipeline.encode`, sample_mode "argmax"), the
+    layout the DiT concatenates to its latents."""
+    return pipe.encode(images["image"], generator, sample_mode="argmax")
 
 
 class DiTTextFamily(Family):
@@ -210,6 +225,18 @@ class DiTTextFamily(Family):
         static = dict(do_cfg=guidance > 1.0, dtype=pipe.precision.dtype)
         fn = functools.partial(text_cfg_step, pipe.transformer, scheduler.update, **static)
         return StepFunction("text", fn, static, batch_factor=2 if static["do_cfg"] else 1)
+
+    # A DiT with condition channels (the super-resolution demo): the image, resized to the output
+    # size, encoded by the VAE (posterior mean: the condition is a function of the image, with no
+    # draw from the generator), in the latents' layout.
+    def condition_channels(self, config):
+        return config.transformer.condition_channels
+
+    def condition_inputs(self, config):
+        return ("image",) if config.transformer.condition_channels else ()
+
+    def encode_condition(self, pipe, images, generator):
+        return encode_image_condition(pipe, images, generator)
 
     def sample_prompts(self, config, batch):
         return ["a red circle on the left"] * batch

@@ -10,7 +10,21 @@ from __future__ import annotations
 
 import torch
 
+from torch import nn
+
 from ldm_rt.export.specs import ComponentSpec, TensorSpec, vae_decoder_spec
+
+
+class ConditionedDiT(nn.Module):
+    """A DiT with condition channels as a module with positional inputs (latents, timestep,
+    text_states, text_mask, pooled, condition): the graph's extra `condition` input."""
+
+    def __init__(self, dit: nn.Module):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, latents, timestep, text_states, text_mask, pooled, condition):
+        return self.dit(latents, timestep, text_states, text_mask, pooled, condition=condition)
 
 
 def _text_mask(batch: int, seq: int, generator: torch.Generator) -> torch.Tensor:
@@ -21,6 +35,7 @@ def _text_mask(batch: int, seq: int, generator: torch.Generator) -> torch.Tensor
 
 def export_specs(config) -> dict[str, ComponentSpec]:
     te, dit, vae = config.text_encoder, config.transformer, config.vae
+    f32 = torch.float32
     seq, p = te.max_position_embeddings, dit.patch_size
 
     def text_encoder_sample(batch, height, width, g):
@@ -30,16 +45,20 @@ def export_specs(config) -> dict[str, ComponentSpec]:
         ids[:, 0] = te.bos_token_id
         return (ids,)
 
+    cc = dit.condition_channels
+
     def transformer_sample(batch, height, width, g):
-        return (
+        inputs = (
             torch.randn(batch, dit.in_channels, height, width, generator=g),
             torch.rand(batch, generator=g) * 1000,  # the scheduler's timestep range
             torch.randn(batch, seq, dit.context_dim, generator=g),
             _text_mask(batch, seq, g),
             torch.randn(batch, dit.pooled_dim, generator=g),
         )
+        return inputs + ((torch.randn(batch, cc, height, width, generator=g),) if cc else ())
 
-    f32 = torch.float32
+    condition = (TensorSpec("condition", f32, ("batch", cc, "height", "width")),) if cc else ()
+
     return {
         "text_encoder": ComponentSpec(
             name="text_encoder",
@@ -61,9 +80,10 @@ def export_specs(config) -> dict[str, ComponentSpec]:
                 TensorSpec("text_states", f32, ("batch", seq, dit.context_dim)),
                 TensorSpec("text_mask", torch.bool, ("batch", seq)),
                 TensorSpec("pooled", f32, ("batch", dit.pooled_dim)),
+                *condition,
             ),
             outputs=(TensorSpec("prediction", f32, ("batch", dit.output_channels, "height", "width")),),
-            module=lambda c: c.transformer,
+            module=(lambda c: ConditionedDiT(c.transformer)) if cc else (lambda c: c.transformer),
             sample=transformer_sample,
             multiple_of={"height": p, "width": p},
             latent=True,

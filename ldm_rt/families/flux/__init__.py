@@ -29,15 +29,18 @@ from ldm_rt.errors import ConfigError, InputError
 from ldm_rt.families.base import Family, StepFunction
 
 
-def flux_step(transformer, update, latents, t, coefficients, guidance, prompt_embeds, pooled, txt_ids, *,
+def flux_step(transformer, update, latents, t, coefficients, guidance, prompt_embeds, pooled, txt_ids, *condition,
               guidance_embeds: bool, true_cfg_scale: float, dtype: torch.dtype) -> torch.Tensor:
     """latents (B, h/2, w/2, 64) fp32 -> the latents after one step. t (B,) is the step's
     timestep (sigma x 1000), guidance a 0-d fp32 tensor (fed to the guidance embedder when the
-    model has one). prompt_embeds/pooled hold B rows, or 2B ([negative; prompt]) for true CFG."""
+    model has one). prompt_embeds/pooled hold B rows, or 2B ([negative; prompt]) for true CFG.
+    `condition`: FLUX.1 Fill / Control's image conditioning (B, h/2, w/2, C) (`conditioning.py`),
+    concatenated after the latents on the channel axis, as FluxFillPipeline / FluxControlPipeline."""
     from ldm_rt.families.flux.sampling import true_cfg
 
     b, gh, gw, c = latents.shape
-    x = latents.reshape(b, gh * gw, c)  # (B, N, 64), diffusers' packed layout
+    x = torch.cat([latents, *(x.to(latents.dtype) for x in condition)], dim=-1) if condition else latents
+    x = x.reshape(b, gh * gw, x.shape[-1])  # (B, N, 64 [+ C]), diffusers' packed layout
     axes = [torch.arange(n, device=x.device, dtype=torch.float32) for n in (1, gh, gw)]  # (0, row, col)
     img_ids = torch.stack(torch.meshgrid(axes[0] * 0, axes[1], axes[2], indexing="ij"), -1).reshape(-1, 3)
     do_cfg = prompt_embeds.shape[0] == 2 * b
@@ -147,7 +150,7 @@ def offload_text_encoders(*modules) -> None:
 
 class FluxFamily(Family):
     name = "flux"
-    pipeline_classes = ("FluxPipeline",)
+    pipeline_classes = ("FluxPipeline", "FluxFillPipeline", "FluxControlPipeline")  # conditioning.py
     default_steps = 28  # the directory's defaults (loading.run_defaults) hold schnell's 4
     default_guidance = 3.5
     backends = ("torch", "triton", "onnxruntime", "tensorrt")
@@ -191,7 +194,7 @@ class FluxFamily(Family):
             if value < multiple or value % multiple:
                 raise InputError(f"{name} {value} must be a positive multiple of {multiple} for this FLUX.1 model "
                                  f"(VAE factor {config.vae.scale_factor} x 2x2 latent packing).")
-        return (batch, config.transformer.in_channels // 4, height // config.vae.scale_factor,
+        return (batch, config.transformer.output_channels // 4, height // config.vae.scale_factor,
                 width // config.vae.scale_factor)
 
     def pack(self, config, noise):
@@ -279,6 +282,28 @@ class FluxFamily(Family):
         texts = request.prompts if request.negatives is None else request.negatives + request.prompts
         embeds, pooled, txt_ids = encode_prompt(pipe, texts, request.num_images, request.max_sequence_length)
         return embeds, pooled, txt_ids
+
+    # -- image conditioning: FLUX.1 Fill (image + mask) and Control (Canny/Depth), conditioning.py
+
+    def condition_channels(self, config):
+        from ldm_rt.families.flux.conditioning import condition_channels
+
+        return condition_channels(config.transformer)
+
+    def condition_inputs(self, config):
+        from ldm_rt.families.flux.conditioning import INPUTS, condition_kind
+
+        return INPUTS[condition_kind(config.transformer)]
+
+    def condition_before_noise(self, config):
+        from ldm_rt.families.flux.conditioning import condition_kind
+
+        return condition_kind(config.transformer) == "control"  # FluxControlPipeline encodes first; Fill after
+
+    def encode_condition(self, pipe, images, generator):
+        from ldm_rt.families.flux.conditioning import encode_condition
+
+        return encode_condition(pipe, images, generator)
 
     def step(self, pipe, scheduler, guidance, options):
         static = dict(guidance_embeds=pipe.config.transformer.guidance_embeds,

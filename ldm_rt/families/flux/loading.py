@@ -53,7 +53,16 @@ DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 128 latents x VAE
 def run_defaults(transformer_config) -> dict[str, Any]:
     """FluxPipeline's per-model settings (model cards): a guidance-distilled transformer (dev)
     samples 28 steps at embedded guidance 3.5 with 512 T5 tokens; one without (schnell) 4 steps,
-    256 T5 tokens, and has no guidance input (0: nothing is guided)."""
+    256 T5 tokens, and has no guidance input (0: nothing is guided). FLUX.1 Fill and Control: the
+    `__call__` defaults of diffusers' FluxFillPipeline (50 steps, guidance 30) and FluxControlPipeline
+    (28, 3.5), 512 T5 tokens."""
+    from ldm_rt.families.flux.conditioning import condition_kind
+
+    kind = condition_kind(transformer_config)
+    if kind == "fill":
+        return {"steps": 50, "guidance": 30.0, "max_sequence_length": 512}
+    if kind == "control":
+        return {"steps": 28, "guidance": 3.5, "max_sequence_length": 512}
     if transformer_config.guidance_embeds:
         return {"steps": 28, "guidance": 3.5, "max_sequence_length": 512}
     return {"steps": 4, "guidance": 0.0, "max_sequence_length": 256}
@@ -87,19 +96,34 @@ def _presets() -> dict[str, FluxModelConfig]:
 
     # four blocks like FLUX.1's VAE, so sizes are multiples of 16 px as for the real models
     tiny_vae = dataclasses.replace(FLUX_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
+    tiny = FluxModelConfig(FLUX_PRESETS["flux-tiny"], PRESETS["tiny"].text_encoder, T5_PRESETS["t5-tiny"], tiny_vae,
+                           dict(FLUX_SCHEDULER_DEV))
+    latent = 4 * tiny_vae.latent_channels  # 64 packed latent channels
+    dev = FluxModelConfig(FLUX_PRESETS["flux-dev"], FLUX_CLIP, FLUX_T5, FLUX_VAE, dict(FLUX_SCHEDULER_DEV))
     return {
         # tests and CPU demos: every component a few KB, the dev-like sampling (guidance, dynamic shift)
-        "flux-tiny": FluxModelConfig(FLUX_PRESETS["flux-tiny"], PRESETS["tiny"].text_encoder, T5_PRESETS["t5-tiny"],
-                                     tiny_vae, dict(FLUX_SCHEDULER_DEV)),
+        "flux-tiny": tiny,
+        # FLUX.1-Fill-dev / FLUX.1-Canny-dev channel layouts (conditioning.py) on the tiny model
+        "flux-fill-tiny": dataclasses.replace(tiny, transformer=dataclasses.replace(
+            tiny.transformer, in_channels=2 * latent + 4 * tiny_vae.scale_factor**2, out_channels=latent)),
+        "flux-control-tiny": dataclasses.replace(tiny, transformer=dataclasses.replace(
+            tiny.transformer, in_channels=2 * latent, out_channels=latent)),
         # black-forest-labs/FLUX.1-schnell and FLUX.1-dev shapes (random weights: ~17B parameters)
         "flux-schnell": FluxModelConfig(FLUX_PRESETS["flux-schnell"], FLUX_CLIP, FLUX_T5, FLUX_VAE,
                                         dict(FLUX_SCHEDULER_SCHNELL)),
-        "flux-dev": FluxModelConfig(FLUX_PRESETS["flux-dev"], FLUX_CLIP, FLUX_T5, FLUX_VAE, dict(FLUX_SCHEDULER_DEV)),
+        "flux-dev": dev,
+        # black-forest-labs/FLUX.1-Fill-dev and FLUX.1-Canny-dev / Depth-dev transformer channels
+        "flux-fill-dev": dataclasses.replace(dev, transformer=dataclasses.replace(
+            dev.transformer, in_channels=2 * latent + 4 * FLUX_VAE.scale_factor**2, out_channels=latent)),
+        "flux-control-dev": dataclasses.replace(dev, transformer=dataclasses.replace(
+            dev.transformer, in_channels=2 * latent, out_channels=latent)),
     }
 
 
 def check_compatible(config: FluxModelConfig) -> None:
     """The components must agree on the shapes that pass between them."""
+    from ldm_rt.families.flux.conditioning import fill_mask_channels
+
     tr, te, t5, vae = config.transformer, config.text_encoder, config.text_encoder_2, config.vae
     problems = []
     if tr.joint_attention_dim != t5.d_model:
@@ -107,12 +131,35 @@ def check_compatible(config: FluxModelConfig) -> None:
     if tr.pooled_projection_dim != te.hidden_size:
         problems.append(f"transformer pooled_projection_dim {tr.pooled_projection_dim} != text_encoder hidden_size "
                         f"{te.hidden_size}")
-    if tr.patch_size != 1 or tr.in_channels != 4 * vae.latent_channels or tr.output_channels != tr.in_channels:
+    latent = 4 * vae.latent_channels
+    # in_channels: the latents (text-to-image), + the control image's latents (Control), + the masked
+    # image's latents and the packed mask (Fill): conditioning.py
+    takes = (latent, 2 * latent, 2 * latent + fill_mask_channels(vae.scale_factor))
+    if tr.patch_size != 1 or tr.output_channels != latent or tr.in_channels not in takes:
         problems.append(f"transformer patch_size {tr.patch_size}, in_channels {tr.in_channels}, out_channels "
                         f"{tr.output_channels} do not take vae latent_channels {vae.latent_channels} packed in 2x2 "
-                        f"patches (patch_size 1, in = out = {4 * vae.latent_channels})")
+                        f"patches (patch_size 1, out = {latent}, in = {' or '.join(map(str, takes))}: text-to-image, "
+                        "Control, Fill)")
     if problems:
         raise ModelDirError("components do not fit together: " + "; ".join(problems) + ".")
+
+
+def pipeline_class(transformer_config) -> str:
+    """model_index.json's `_class_name` for this transformer: FluxPipeline, FluxFillPipeline or
+    FluxControlPipeline (from its channels, `conditioning.condition_kind`)."""
+    from ldm_rt.families.flux.conditioning import PIPELINE_CLASSES, condition_kind
+
+    return PIPELINE_CLASSES[condition_kind(transformer_config)]
+
+
+def check_pipeline_class(index: dict[str, Any], transformer_config) -> None:
+    """model_index.json must name the pipeline its transformer's channels are for (a Fill transformer
+    under FluxPipeline would sample without its conditioning)."""
+    name, want = index.get("_class_name"), pipeline_class(transformer_config)
+    if name != want:
+        raise ModelDirError(f"model_index.json names {name} but the transformer (in_channels "
+                            f"{transformer_config.in_channels}, out_channels {transformer_config.output_channels}) is "
+                            f"a {want} model; fix _class_name or the transformer/ folder.")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -172,6 +219,7 @@ def load_flux_dir(root: Path, index: dict[str, Any], family: str) -> FluxCompone
         scheduler=read_json(dirs["scheduler"] / "scheduler_config.json", "scheduler config"),
     )
     check_compatible(config)  # on the configs, before any weights are read
+    check_pipeline_class(index, config.transformer)
     defaults = {**run_defaults(config.transformer), **index.get("_ldm_rt_defaults", {})}
 
     te = config.text_encoder
@@ -227,7 +275,7 @@ def save_flux_dir(components: FluxComponents, root: Path, dtype: torch.dtype = t
     write_json(root / "vae" / "config.json", config.vae.to_dict())
     write_safetensors(root / "vae" / f"{DIFFUSERS_WEIGHTS}.safetensors", dict(floats(components.vae)))
     write_json(root / "scheduler" / "scheduler_config.json", dict(components.scheduler_config))
-    index: dict[str, Any] = {"_class_name": FLUX_PIPELINE, "_ldm_rt_version": __version__, **INDEX_CLASSES}
+    index: dict[str, Any] = {"_class_name": pipeline_class(config.transformer), "_ldm_rt_version": __version__, **INDEX_CLASSES}
     own = run_defaults(config.transformer)
     extra = {k: v for k, v in components.defaults.items() if own.get(k, object()) != v}
     if extra:  # diffusers ignores `_` keys of model_index.json
