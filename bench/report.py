@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-STAGE_ORDER = ["text_encoder", "denoise_step", "denoise_loop", "vae_decode", "end_to_end"]
+STAGE_ORDER = ["text_encoder", "denoise_step", "denoise_loop", "vae_encode", "vae_decode", "end_to_end", "img2img"]
 
 
 def _ms(stats: dict | None) -> str:

@@ -1,14 +1,19 @@
 """`ldm-rt bench`: per-stage and end-to-end latency of every backend against its baselines, in one run.
 
-One *run* is (backend, dtype, resolution). Per run, five stages are timed:
+One *run* is (backend, dtype, resolution). Per run, seven stages are timed:
 
 | stage | what is called | batch |
 | --- | --- | --- |
 | `text_encoder` | the text encoder on token ids (tokenization not timed) | 2 x images (CFG) |
 | `denoise_step` | one whole CFG step: the DiT on both halves batched, guidance, scheduler update | 2 x images (CFG) |
 | `denoise_loop` | `Pipeline.denoise`: `--steps` DiT calls + scheduler | images |
+| `vae_encode` | `Pipeline.encode` (VAE encoder + the seeded sample + scaling): image-to-image's extra stage | images |
 | `vae_decode` | `Pipeline.decode` (scaling + VAE decoder) | images |
 | `end_to_end` | `Pipeline.generate`: tokenize, encode, denoise, decode, to PIL | images |
+| `img2img` | `Pipeline.generate(image=, strength=0.6)`: `end_to_end` plus the VAE encode, 60% of the steps | images |
+
+A model with condition channels (issue 17) gets its image roles as seeded random images in every
+stage that runs the DiT (the condition encoded once for `denoise_step`/`denoise_loop`).
 
 Backends: `torch` (eager, the baseline every speed-up is taken against), `compile` (the torch
 backend with `torch.compile(mode="reduce-overhead")` on the DiT; `compile-max-autotune` with
@@ -50,8 +55,9 @@ from ldm_rt import __version__
 from ldm_rt.errors import InputError, LdmRtError, MissingDependencyError
 from ldm_rt.model_dir import writable_dir
 
-STAGES = ("text_encoder", "denoise_step", "denoise_loop", "vae_decode", "end_to_end")
-LONG_STAGES = ("denoise_loop", "end_to_end")
+STAGES = ("text_encoder", "denoise_step", "denoise_loop", "vae_encode", "vae_decode", "end_to_end", "img2img")
+LONG_STAGES = ("denoise_loop", "end_to_end", "img2img")
+IMG2IMG_STRENGTH = 0.6  # diffusers' Flux/SD3 img2img default
 BACKENDS = ("torch", "compile", "triton", "onnxruntime", "tensorrt", "diffusers")
 BASELINE = "torch"
 DTYPES = ("fp32", "fp16", "bf16")
@@ -387,29 +393,36 @@ def stage_calls(pipe, px: int, settings: BenchSettings) -> dict[str, Callable[[]
     if vocabulary and all(isinstance(p, str) for p in prompts):
         prompts = [" ".join(vocabulary[:3])] * b  # words the model knows; fits tiny's 32 tokens
     conditioning = family.encode(pipe, family.prepare(pipe, prompts, None, 1, {}), GUIDANCE)  # the CFG batch
-    images = {}  # a model with condition channels (FLUX.1 Fill/Control): seeded random images for its roles
-    if family.condition_channels(pipe.config) > 0:
-        images = {role: torch.rand((1, 1 if role == "mask_image" else 3, px, px), generator=g)
-                  for role in family.condition_inputs(pipe.config)}  # in [0, 1], as generate takes them
-        pixels = {role: ((x >= 0.5).float() if role == "mask_image" else 2 * x - 1).repeat(b, 1, 1, 1)
-                  for role, x in images.items()}  # what generate hands encode_condition
-        conditioning = (*conditioning, family.encode_condition(pipe, pixels, g).float().to(device))
     if pipe.text_encoder is None:
         calls["text_encoder"] = NO_TEXT_ENCODER
     else:
         tokens = pipe.tokenizer([""] * b + prompts)
         ids = tokens.input_ids.to(device)  # (2B, M)
         calls["text_encoder"] = lambda: pipe.text_encoder(ids)
+    pixels = torch.rand((b, 3, px, px), generator=g)  # [0, 1], what generate's image= takes
+    roles = family.condition_inputs(pipe.config) if family.condition_channels(pipe.config) else ()
+    images = {}
+    for role in roles:  # a model with condition channels: seeded random images for its roles
+        images[role] = (torch.rand((b, 1, px, px), generator=g) < 0.5).float() if role == "mask_image" else pixels
+    if roles and pipe.transformer is not None:
+        condition = family.encode_condition(pipe, {r: x if r == "mask_image" else 2 * x - 1 for r, x in images.items()},
+                                            torch.Generator("cpu").manual_seed(settings.seed))
+        conditioning = (*conditioning, condition.float().to(device))
     step_fn = pipe.step(scheduler, GUIDANCE) if pipe.transformer is not None else None
     step = lambda: step_fn(latents, 0, *conditioning)  # noqa: E731
     loop = lambda: pipe.denoise(latents, *conditioning, steps=settings.steps, guidance=GUIDANCE)  # noqa: E731
-    e2e = lambda: pipe.generate(prompts, steps=settings.steps, guidance=GUIDANCE, height=px, width=px,  # noqa: E731
-                                seed=settings.seed, **images)
+    common = dict(steps=settings.steps, guidance=GUIDANCE, height=px, width=px, seed=settings.seed)
+    e2e = lambda: pipe.generate(prompts, **common, **images)  # noqa: E731
+    start = {**images, "image": pixels}
+    img2img = lambda: pipe.generate(prompts, **common, **start, strength=IMG2IMG_STRENGTH)  # noqa: E731
     if pipe.transformer is None:
         reason = pipe.no_transformer_reason
-        calls.update(denoise_step=reason, denoise_loop=reason, end_to_end=reason)
+        calls.update(denoise_step=reason, denoise_loop=reason, end_to_end=reason, img2img=reason)
     else:
-        calls.update(denoise_step=step, denoise_loop=loop, end_to_end=e2e)
+        calls.update(denoise_step=step, denoise_loop=loop, end_to_end=e2e, img2img=img2img)
+        if roles and "image" not in roles:
+            calls["img2img"] = "this model is conditioned without a start image (no image role): no image-to-image"
+    calls["vae_encode"] = lambda: pipe.encode(2 * pixels - 1, torch.Generator("cpu").manual_seed(settings.seed))
     calls["vae_decode"] = lambda: pipe.decode(noise)
     return {stage: calls[stage] for stage in STAGES}
 

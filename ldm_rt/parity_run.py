@@ -182,7 +182,10 @@ def run_parity(
         report.notes.append(f"end-to-end image skipped: the export is static (batch {static['batch']}), "
                             "and the pipeline needs the CFG batch and the image batch")
         return report
-    kwargs = dict(steps=steps, seed=seed, height=height, width=width)
+    kwargs = dict(steps=steps, seed=seed, height=height, width=width, **condition_images(ref_pipe, height, width, seed))
+    if kwargs.keys() - {"steps", "seed", "height", "width"}:
+        report.notes.append("end-to-end image conditioned on seeded random images (" +
+                            ", ".join(sorted(kwargs.keys() - {"steps", "seed", "height", "width"})) + ")")
     prompt = ref_pipe.family.sample_prompts(config, 1)[0]  # text, or a class index
     expected = np.array(ref_pipe.generate(prompt, **kwargs).images[0])
     try:
@@ -192,6 +195,26 @@ def run_parity(
         db = -math.inf
     report.image = ImageRow(precision.value, height, width, steps, db, parity.IMAGE_PSNR_DB[precision.value])
     return report
+
+
+def condition_images(pipe, height: int, width: int, seed: int) -> dict:
+    """For a model with condition channels (issue 17): a seeded random PIL image per role it
+    requires, at the output size over the model's `upscale` default (a mask binary, white =
+    repaint); {} for every other model."""
+    from PIL import Image
+
+    family, config = pipe.family, pipe.config
+    if family.condition_channels(config) == 0:
+        return {}
+    up = pipe.defaults.get("upscale", 1)
+    rng = np.random.default_rng(seed)
+    images = {}
+    for role in family.condition_inputs(config):
+        if role == "mask_image":
+            images[role] = Image.fromarray((rng.random((height // up, width // up)) < 0.5).astype(np.uint8) * 255)
+        else:
+            images[role] = Image.fromarray(rng.integers(0, 256, (height // up, width // up, 3), dtype=np.uint8))
+    return images
 
 
 def format_report(report: ParityReport) -> list[str]:
