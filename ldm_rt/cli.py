@@ -479,7 +479,7 @@ def env():
 @main.command("upscale")
 @click.argument("image_path", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
-              help="PNG path (default: <IN stem>-x2.png beside the current directory's files).")
+              help="PNG path (default: <IN stem>-x2.png in the current directory).")
 @click.option("--model-dir", type=click.Path(path_type=Path), default=None,
               help="A model with condition channels (default: the built-in 2x super-resolution demo).")
 @click.option("--prompt", default="", help="Optional caption of the image (the demo's grammar); default none.")

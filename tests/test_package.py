@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ldm_rt.model_dir import DEMO_SR_MODEL_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +38,8 @@ def test_wheel_has_no_top_level_kernels_or_export(wheel):
     for part in ("model_index.json", "transformer/diffusion_pytorch_model.safetensors", "vae/config.json",
                  "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"):
         assert f"ldm_rt/demo/model/{part}" in names, part
+        if (DEMO_SR_MODEL_DIR / "model_index.json").is_file():  # the 2x super-resolution demo beside it
+            assert f"ldm_rt/demo/sr_model/{part}" in names, part
     assert not [n for n in names if n.startswith("ldm_rt/demo/checkpoints/")]
 
 
