@@ -208,3 +208,25 @@ def test_vae_crops_are_mostly_centred_on_the_foreground():
     # most of the time; uniform crops of 64 px from 128 px scenes almost never do
     differs = ((centre - corner_bg).abs().sum(1) > 0.3).float().mean().item()
     assert differs > 0.5
+
+
+def test_caption_variation_changes_from_its_step_and_a_resume_stays_exact():
+    """`caption_variation_from` switches the caption mix at a step: earlier steps keep the old
+    mix (so the run that made an earlier model is unchanged), later ones draw the new one."""
+    from dataclasses import replace
+
+    from ldm_rt.demo.shapes import CaptionVariation, sample_scenes, vary_caption
+
+    first = CaptionVariation(unknown_word=0.0)  # no non-words: the captions must parse
+    later = CaptionVariation(omit_position=0.9, omit_background=0.9, unknown_word=0.0)
+    cfg = replace(T.demo_config("tiny"), caption_variation=first, caption_variation_from=((7, later),))
+    assert cfg.caption_variation_at(0) is first and cfg.caption_variation_at(6) is first
+    assert cfg.caption_variation_at(7) is later and cfg.caption_variation_at(10**6) is later
+    demo = T.demo_config("demo")
+    assert demo.caption_variation_at(15_999) == CaptionVariation()  # the step-10000..16000 run's mix
+    specs = [s.spec() for s in sample_scenes(3, 400) if len(s.objects) == 1]
+    rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
+    with_cell = [sum(o.cell is not None for o in T.parse_caption(vary_caption(s, rng, v)).objects)
+                 for v, rng in ((first, rng_a), (later, rng_b)) for s in specs]
+    n = len(specs)
+    assert sum(with_cell[:n]) / n > 0.5 > 0.2 > sum(with_cell[n:]) / n

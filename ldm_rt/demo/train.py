@@ -454,17 +454,19 @@ def train_dit(cfg: DemoConfig, run_dir: Path, steps: int, seed: int, batch: int,
     dit.train()
     text_encoder.train()
     n = cache["latents"].shape[0]
-    specs = [parse_caption(c) for c in cache["captions"]] if cfg.caption_variation is not None else None
+    varied = cfg.caption_variation is not None or any(v is not None for _, v in cfg.caption_variation_from)
+    specs = [parse_caption(c) for c in cache["captions"]] if varied else None
 
     def step_fn(step):
         gen = step_generator(seed, 0 if overfit else step)
         idx = torch.randint(n, (batch,), generator=gen)
         x0 = cache["latents"][idx]
-        if specs is None:
+        variation = cfg.caption_variation_at(step)
+        if variation is None:
             ids, mask = cache["input_ids"][idx].clone(), cache["mask"][idx].clone()
         else:  # the cached images under shortened captions, a function of (seed, step)
             rng = np.random.default_rng([seed, 0 if overfit else step])
-            tokens = tokenizer([vary_caption(specs[i], rng, cfg.caption_variation) for i in idx.tolist()])
+            tokens = tokenizer([vary_caption(specs[i], rng, variation) for i in idx.tolist()])
             ids, mask = tokens.input_ids, tokens.attention_mask
         drop = torch.rand(batch, generator=gen) < cfg.caption_dropout
         ids[drop], mask[drop] = empty.input_ids[0], empty.attention_mask[0]
