@@ -19,7 +19,7 @@ from ldm_rt.components import Components
 from ldm_rt.configs import DiTConfig, ModelConfig, VAEConfig, read_json
 from ldm_rt.errors import InputError, ModelDirError
 from ldm_rt.families.base import Family, StepFunction
-from ldm_rt.families.dit_text import LDM_RT_PIPELINE
+from ldm_rt.families.dit_text import LDM_RT_PIPELINE, DiTImageConditioning
 
 DIT_PIPELINE = "DiTPipeline"
 # What diffusers' DiTPipeline.__call__ defaults to.
@@ -71,7 +71,7 @@ class ClassRequest:
     labels: torch.Tensor  # (B,) int64, each class repeated num_images times
 
 
-class DiTClassFamily(Family):
+class DiTClassFamily(DiTImageConditioning, Family):
     name = "dit-class"
     pipeline_classes = (DIT_PIPELINE, LDM_RT_PIPELINE)
     prompt_types = (str, int)
@@ -165,17 +165,6 @@ class DiTClassFamily(Family):
         static = dict(do_cfg=guidance > 1.0, dtype=pipe.precision.dtype, channels=channels, guided_channels=k)
         fn = functools.partial(class_cfg_step, pipe.transformer, scheduler.update, **static)
         return StepFunction("class", fn, static, batch_factor=2 if static["do_cfg"] else 1)
-
-    def condition_channels(self, config):
-        return config.transformer.condition_channels
-
-    def condition_inputs(self, config):
-        return ("image",) if config.transformer.condition_channels else ()
-
-    def encode_condition(self, pipe, images, generator):
-        from ldm_rt.families.dit_text import encode_image_condition
-
-        return encode_image_condition(pipe, images, generator)
 
     def sample_prompts(self, config, batch):
         return [i % config.transformer.num_classes for i in range(batch)]

@@ -132,7 +132,23 @@ def encode_image_condition(pipe, images: dict, generator) -> torch.Tensor:
     return pipe.encode(images["image"], generator, sample_mode="argmax")
 
 
-class DiTTextFamily(Family):
+class DiTImageConditioning:
+    """The image-conditioning hooks of both DiT families (`DiTConfig.condition_channels`, the
+    super-resolution demo): the image, resized to the output size, encoded by the VAE (posterior
+    mean: the condition is a function of the image, with no draw from the generator), in the
+    latents' layout."""
+
+    def condition_channels(self, config):
+        return config.transformer.condition_channels
+
+    def condition_inputs(self, config):
+        return ("image",) if config.transformer.condition_channels else ()
+
+    def encode_condition(self, pipe, images, generator):
+        return encode_image_condition(pipe, images, generator)
+
+
+class DiTTextFamily(DiTImageConditioning, Family):
     name = "dit-text"
     pipeline_classes = (LDM_RT_PIPELINE,)
 
@@ -225,18 +241,6 @@ class DiTTextFamily(Family):
         static = dict(do_cfg=guidance > 1.0, dtype=pipe.precision.dtype)
         fn = functools.partial(text_cfg_step, pipe.transformer, scheduler.update, **static)
         return StepFunction("text", fn, static, batch_factor=2 if static["do_cfg"] else 1)
-
-    # A DiT with condition channels (the super-resolution demo): the image, resized to the output
-    # size, encoded by the VAE (posterior mean: the condition is a function of the image, with no
-    # draw from the generator), in the latents' layout.
-    def condition_channels(self, config):
-        return config.transformer.condition_channels
-
-    def condition_inputs(self, config):
-        return ("image",) if config.transformer.condition_channels else ()
-
-    def encode_condition(self, pipe, images, generator):
-        return encode_image_condition(pipe, images, generator)
 
     def sample_prompts(self, config, batch):
         return ["a red circle on the left"] * batch
