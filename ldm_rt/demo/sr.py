@@ -25,8 +25,6 @@ v = noise - x0), with the conditioning latents concatenated to x_t. The dataset
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -190,8 +188,8 @@ def train_sr(cfg: DemoConfig, run_dir: Path, steps: int, seed: int, batch: int, 
 def export_sr(cfg: DemoConfig, run_dir: Path, out: Path, use_ema: bool = True) -> Path:
     """The SR model as a standard model directory: the trained DiT (fp16) with the demo model's
     text encoder, tokenizer and VAE, and run defaults (`upscale`, steps, guidance 1)."""
-    from ldm_rt.demo.train import TRAINING_INFO, _load
-    from ldm_rt.model_dir import Components, save_model_dir
+    from ldm_rt.demo.train import _load, write_model_dir
+    from ldm_rt.model_dir import Components
     from ldm_rt.models.dit import DiT
 
     ckpt_path = run_dir / CKPT
@@ -206,12 +204,5 @@ def export_sr(cfg: DemoConfig, run_dir: Path, out: Path, use_ema: bool = True) -
             for name, p in dit.named_parameters():
                 p.copy_(ck["ema"][name])
     components = Components(base.text_encoder, base.tokenizer, dit.eval(), base.vae, cfg.scheduler, cfg.defaults)
-    out = Path(out)
-    if out.exists() and (out / "model_index.json").is_file():
-        shutil.rmtree(out)
-    save_model_dir(components, out, dtype=torch.float16)
-    run = json.loads((run_dir / "run.json").read_text())
-    info = {**run, "dit_step": ck["step"], "weights": "EMA" if use_ema and ck.get("ema") is not None else "raw",
-            "base_model": "ldm_rt/demo/model (text encoder, tokenizer, VAE)"}
-    (out / TRAINING_INFO).write_text(json.dumps(info, indent=1) + "\n")
-    return out
+    return write_model_dir(components, out, run_dir, ck, use_ema,
+                           base_model="ldm_rt/demo/model (text encoder, tokenizer, VAE)")

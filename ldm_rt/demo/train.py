@@ -499,7 +499,7 @@ def train_dit(cfg: DemoConfig, run_dir: Path, steps: int, seed: int, batch: int,
 
 def export(cfg: DemoConfig, run_dir: Path, out: Path, use_ema: bool = True) -> Path:
     """Write the run's model as a standard model directory (fp16 weights, run defaults)."""
-    from ldm_rt.model_dir import Components, save_model_dir
+    from ldm_rt.model_dir import Components
 
     ckpt_path = run_dir / "dit.pt"
     if not ckpt_path.is_file():
@@ -520,14 +520,23 @@ def export(cfg: DemoConfig, run_dir: Path, out: Path, use_ema: bool = True) -> P
     vae = load_vae(cfg, run_dir)
     vae.config = replace(cfg.vae, scaling_factor=cache["scaling_factor"], shift_factor=cache["shift_factor"])
     components = Components(text_encoder.eval(), tokenizer, dit.eval(), vae, cfg.scheduler, cfg.defaults)
+    return write_model_dir(components, out, run_dir, ck, use_ema, continue_with=(
+        "ldm-rt train-demo --stage dit --run-dir RUN_DIR --init-from THIS_DIR --steps N"))
+
+
+def write_model_dir(components, out, run_dir: Path, ck: dict, use_ema: bool, **info) -> Path:
+    """Save an exported demo model (fp16, replacing an earlier export at `out`) with its training
+    record: the run's settings, the checkpoint's step, which weights, and `info`."""
+    from ldm_rt.model_dir import save_model_dir
+
     out = Path(out)
     if out.exists() and (out / "model_index.json").is_file():
         shutil.rmtree(out)
     save_model_dir(components, out, dtype=torch.float16)
     run = json.loads((run_dir / "run.json").read_text())
-    info = {**run, "dit_step": ck["step"], "weights": "EMA" if use_ema and ck.get("ema") is not None else "raw",
-            "continue_with": "ldm-rt train-demo --stage dit --run-dir RUN_DIR --init-from THIS_DIR --steps N"}
-    (out / TRAINING_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    record = {**run, "dit_step": ck["step"], "weights": "EMA" if use_ema and ck.get("ema") is not None else "raw",
+              **info}
+    (out / TRAINING_INFO).write_text(json.dumps(record, indent=1) + "\n")
     return out
 
 
