@@ -30,6 +30,8 @@ from ldm_rt.parity import IMAGE_PSNR_DB, compare, psnr
 from ldm_rt.pipeline import Pipeline
 from ldm_rt.schedulers import FlowMatchEuler
 
+from kernel_helpers import SWAPS, count_kernel_calls
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 AXES = (16, 56, 56)  # FLUX.1's axes_dims_rope: head dim 128
 # One double- and one single-stream block of FLUX.1's head dim, 3 heads (inner dim 384).
@@ -124,19 +126,6 @@ def flux_inputs(config: FluxConfig, batch=2, m=7, gh=3, gw=5, seed=0):
             latent_image_ids(gh, gw), text_ids(m), torch.full((batch,), 3.5))
 
 
-def count_kernel_calls(monkeypatch) -> dict[str, int]:
-    calls = {}
-    for name in ("attention", "layernorm_modulate", "gated_residual_layernorm_modulate", "rms_norm"):
-        real = getattr(kernels, name)
-
-        def counted(*args, _real=real, _name=name, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, name, counted)
-    return calls
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter path")
 def test_flux_transformer_with_kernels_matches_reference(monkeypatch):
     """Both block kinds at head dim 128 through the triton backend's KernelModule, against the
@@ -145,7 +134,7 @@ def test_flux_transformer_with_kernels_matches_reference(monkeypatch):
     inputs = flux_inputs(FLUX_128)
     with torch.no_grad():
         ref = model(*inputs)
-    calls = count_kernel_calls(monkeypatch)
+    calls = count_kernel_calls(monkeypatch, (*SWAPS, "rms_norm"))
     out = triton_backend.KernelModule(model)(*inputs)
     # double block: joint attention, two adaLNs (image, text), two residual+adaLNs; single block:
     # attention, adaLN; the final AdaLayerNormContinuous: one adaLN; qk-norm: q, k of each stream (4

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_rt import kernels
 from ldm_rt.backends import eager_step, triton_backend
 from ldm_rt.errors import InputError
 from ldm_rt.model_dir import load_model_dir
 from ldm_rt.parity import IMAGE_PSNR_DB, compare, psnr
 from ldm_rt.pipeline import Pipeline
 from ldm_rt.precision import Precision
+
+from kernel_helpers import count_kernel_calls
 
 
 def dit_inputs(cfg, batch=3, h=8, w=6, m=7, device="cpu", dtype=torch.float32, seed=0):
@@ -27,20 +28,6 @@ def dit_inputs(cfg, batch=3, h=8, w=6, m=7, device="cpu", dtype=torch.float32, s
     mask = torch.arange(m)[None, :] < torch.tensor([m, 2, 5][:batch])[:, None]  # rows padded differently
     pooled = torch.randn(batch, cfg.pooled_dim, generator=g)
     return (latents.to(device, dtype), t.to(device), text.to(device, dtype), mask.to(device), pooled.to(device, dtype))
-
-
-def count_kernel_calls(monkeypatch) -> dict[str, int]:
-    """Wrap the public kernels so a test can see that the backend really routed to them."""
-    calls = {}
-    for name in ("attention", "layernorm_modulate", "gated_residual_layernorm_modulate"):
-        real = getattr(kernels, name)
-
-        def counted(*args, _real=real, _name=name, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, name, counted)
-    return calls
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter path")
